@@ -1,0 +1,3 @@
+from appo.cli import main
+
+main()

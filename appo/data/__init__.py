@@ -1,0 +1,1 @@
+"""Datasets: the internal record, loaders for real formats, the synthetic generator, frames."""

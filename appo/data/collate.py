@@ -1,0 +1,81 @@
+"""Turn questions + cached frames into model inputs: one place for prompt encoding.
+
+Prompts are left-padded (generation appends on the right). For SFT the target tokens are
+appended after each prompt's tokens, so the loss mask is exact without searching the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from appo.data.frames import FrameStore
+from appo.data.prompts import messages
+from appo.data.schema import VideoQA
+
+VISUAL_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+               "pixel_values", "image_grid_thw")
+
+
+def prompt_texts(processor, records: Sequence[VideoQA]) -> list[str]:
+    return [
+        processor.apply_chat_template(messages(qa), tokenize=False, add_generation_prompt=True)
+        for qa in records
+    ]
+
+
+def encode_prompts(processor, records: Sequence[VideoQA], store: FrameStore) -> dict:
+    """Left-padded prompt ids + visual inputs for a batch of questions."""
+    videos = [store.get(qa.video) for qa in records]
+    images = [_load_image(qa.image) for qa in records if qa.image is not None]
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    batch = processor(
+        text=prompt_texts(processor, records),
+        videos=[v.frames for v in videos],
+        images=images or None,
+        padding=True,
+        return_tensors="pt",
+        videos_kwargs={"video_metadata": [v.metadata() for v in videos], "do_sample_frames": False},
+    )
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask") + VISUAL_KEYS}
+
+
+def _load_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def pad_left(rows: Sequence[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors, left-padded with ``pad_value``; returns (padded, mask)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_value, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return out, mask
+
+
+def append_targets(batch: dict, targets: Sequence[str], tokenizer) -> dict:
+    """Append tokenized targets (+ end-of-turn) to left-padded prompts; labels only on targets.
+
+    Returns a new batch with ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the
+    target tokens), left-padded, plus the unchanged visual inputs.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows, label_rows = [], []
+    for prompt, keep, target in zip(ids, mask, targets):
+        prompt = prompt[keep]
+        tgt = torch.tensor(tokenizer(target, add_special_tokens=False)["input_ids"] + [end])
+        rows.append(torch.cat([prompt, tgt]))
+        label_rows.append(torch.cat([torch.full_like(prompt, -100), tgt]))
+    input_ids, attention_mask = pad_left(rows, tokenizer.pad_token_id)
+    labels, _ = pad_left(label_rows, -100)
+    out = {k: v for k, v in batch.items() if k in VISUAL_KEYS}
+    out.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return out

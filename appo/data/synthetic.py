@@ -1,0 +1,226 @@
+"""Deterministic generator of a key-frame video-QA benchmark (real .mp4 files + Video-R1 JSON).
+
+Every question is answerable only from a few frames (the ``key_frames``): a shape flashes for
+``event_frames`` frames among noisy grey distractors, so a policy that does not *look* at the
+right frames cannot beat chance. Events last ``event_frames`` consecutive frames starting at a
+multiple of ``event_frames``, so segment-centre uniform sampling of ``num_frames/event_frames``
+frames (what :mod:`appo.data.frames` does) always keeps at least one frame of each event.
+
+Families (answer formats are mixed: option letters and numbers):
+- ``flash_color``: which colour was the square that flashed? (multiple choice, 4 options)
+- ``flash_shape``: which shape flashed? (multiple choice, 4 options)
+- ``count``: how many times did the white square flash? (numerical, 1-3)
+- ``order``: which colour flashed first? (multiple choice, 2 options)
+Options are listed in a fixed order per family: binding a shuffled letter is a language skill
+that a from-scratch model learns far slower than perception (../shared/docs calibration).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from appo.data.schema import VideoQA
+from appo.io import atomic_write_text, atomic_write_video
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 210, 40),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+FAMILIES = ("flash_color", "flash_shape", "count", "order")
+SPLIT_SEEDS = {"sft": 1, "rl": 2, "val": 3, "test": 4}
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Difficulty knobs (mirrors ``SyntheticConfig`` in params.yaml)."""
+
+    num_frames: int = 16
+    fps: float = 4.0
+    size: int = 56
+    object_size: int = 14
+    noise: float = 6.0
+    distractors: int = 1
+    event_frames: int = 2
+
+
+def _shape_mask(shape: str, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = (size - 1) / 2
+    if shape == "square":
+        return np.ones((size, size), bool)
+    if shape == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":
+        return (yy >= 0) & (np.abs(xx - c) <= yy / 2 + 0.5)
+    if shape == "cross":
+        t = max(1, size // 3)
+        lo, hi = (size - t) // 2, (size - t) // 2 + t
+        return ((yy >= lo) & (yy < hi)) | ((xx >= lo) & (xx < hi))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+class _Painter:
+    """Draws frames: grey background, grey moving distractors, per-pixel noise."""
+
+    def __init__(self, knobs: Knobs, rng: np.random.Generator) -> None:
+        self.k = knobs
+        self.rng = rng
+        n, s = knobs.num_frames, knobs.size
+        self.frames = np.full((n, s, s, 3), 96, np.float32)
+        for _ in range(knobs.distractors):
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            grey = float(rng.integers(130, 170))
+            y, x = self._free_position()
+            dy, dx = rng.integers(-2, 3, size=2)
+            for t in range(n):
+                yt = int(np.clip(y + dy * t, 0, s - knobs.object_size))
+                xt = int(np.clip(x + dx * t, 0, s - knobs.object_size))
+                self._paint(t, shape, (grey, grey, grey), yt, xt)
+
+    def _free_position(self) -> tuple[int, int]:
+        hi = self.k.size - self.k.object_size + 1
+        return int(self.rng.integers(hi)), int(self.rng.integers(hi))
+
+    def _paint(self, t: int, shape: str, color: tuple[float, ...], y: int, x: int) -> None:
+        o = self.k.object_size
+        mask = _shape_mask(shape, o)
+        self.frames[t, y : y + o, x : x + o][mask] = color
+
+    def flash(self, start: int, shape: str, color: tuple[float, ...]) -> list[int]:
+        """Show ``shape`` for ``event_frames`` frames from ``start``; returns those indices."""
+        y, x = self._free_position()
+        idx = list(range(start, start + self.k.event_frames))
+        for t in idx:
+            self._paint(t, shape, color, y, x)
+        return idx
+
+    def render(self) -> np.ndarray:
+        noisy = self.frames + self.rng.normal(0, self.k.noise, self.frames.shape)
+        return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _event_slots(knobs: Knobs) -> int:
+    return knobs.num_frames // knobs.event_frames
+
+
+def _lettered(options: list[str]) -> tuple[str, ...]:
+    return tuple(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+
+
+def _seconds(frame: int, knobs: Knobs) -> str:
+    return f"{frame / knobs.fps:.1f}s"
+
+
+def make_question(family: str, rng: np.random.Generator, knobs: Knobs) -> tuple[np.ndarray, dict]:
+    """Frames [T, H, W, 3] uint8 and the question fields for one example of ``family``."""
+    painter = _Painter(knobs, rng)
+    slots = rng.permutation(_event_slots(knobs))
+    e = knobs.event_frames
+    if family == "flash_color":
+        name = list(COLORS)[rng.integers(len(COLORS))]
+        keys = painter.flash(int(slots[0]) * e, "square", COLORS[name])
+        fields = dict(
+            problem="What colour was the square that flashed?",
+            problem_type="multiple choice",
+            options=_lettered(list(COLORS)),
+            answer="ABCD"[list(COLORS).index(name)],
+            process=f"At {_seconds(keys[0], knobs)} a {name} square flashes.",
+        )
+    elif family == "flash_shape":
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        keys = painter.flash(int(slots[0]) * e, shape, COLORS["yellow"])
+        fields = dict(
+            problem="Which shape flashed in yellow?",
+            problem_type="multiple choice",
+            options=_lettered(list(SHAPES)),
+            answer="ABCD"[SHAPES.index(shape)],
+            process=f"At {_seconds(keys[0], knobs)} a yellow {shape} flashes.",
+        )
+    elif family == "count":
+        count = int(rng.integers(1, 4))
+        starts = sorted(int(s) * e for s in _spaced_slots(slots, count))
+        keys = [k for s in starts for k in painter.flash(s, "square", (250, 250, 250))]
+        times = ", ".join(_seconds(s, knobs) for s in starts)
+        fields = dict(
+            problem="How many times did the white square flash?",
+            problem_type="numerical",
+            options=(),
+            answer=str(count),
+            process=f"A white square flashes at {times}.",
+        )
+    elif family == "order":
+        first, second = ("red", "blue") if rng.random() < 0.5 else ("blue", "red")
+        a, b = sorted(int(s) * e for s in _spaced_slots(slots, 2))
+        keys = painter.flash(a, "square", COLORS[first]) + painter.flash(b, "square", COLORS[second])
+        fields = dict(
+            problem="Which colour flashed first?",
+            problem_type="multiple choice",
+            options=_lettered(["red", "blue"]),
+            answer="A" if first == "red" else "B",
+            process=(
+                f"A {first} square flashes at {_seconds(a, knobs)}, "
+                f"a {second} one at {_seconds(b, knobs)}."
+            ),
+        )
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    fields["key_frames"] = tuple(sorted(keys))
+    return painter.render(), fields
+
+
+def _spaced_slots(slots: np.ndarray, count: int) -> list[int]:
+    """``count`` slots from the permutation, no two adjacent (so flashes are separate events)."""
+    chosen: list[int] = []
+    for s in slots:
+        if all(abs(int(s) - c) > 1 for c in chosen):
+            chosen.append(int(s))
+        if len(chosen) == count:
+            return chosen
+    raise ValueError("too few event slots for the requested count: raise num_frames")
+
+
+def generate_split(
+    out_dir: str | Path,
+    split: str,
+    count: int,
+    knobs: Knobs,
+    families: list[str] | tuple[str, ...] = FAMILIES,
+    seed: int = 0,
+) -> list[VideoQA]:
+    """Write ``count`` videos of one split and its ``{split}.json`` annotation file.
+
+    Splits draw from disjoint seed streams, so no video repeats across splits. Families are
+    interleaved (question i has family i mod len(families)) so every split is balanced.
+    """
+    out_dir = Path(out_dir)
+    video_dir = out_dir / "videos" / split
+    video_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
+    records = []
+    for i in range(count):
+        family = families[i % len(families)]
+        frames, fields = make_question(family, rng, knobs)
+        path = video_dir / f"{split}_{i:05d}.mp4"
+        atomic_write_video(path, frames, knobs.fps)
+        process = fields.pop("process")
+        qa = VideoQA(
+            problem_id=f"{split}-{i:05d}",
+            video=str(path.relative_to(out_dir)),
+            family=family,
+            duration=knobs.num_frames / knobs.fps,
+            dataset_name="synthetic-keyframe",
+            process=f"<think>{process}</think>" if split == "sft" else None,
+            **fields,
+        )
+        records.append(qa)
+    atomic_write_text(
+        out_dir / f"{split}.json", json.dumps([r.to_json() for r in records], indent=1)
+    )
+    return records

@@ -1,0 +1,1 @@
+"""Reinforcement learning: GRPO / DAPO / APPO losses, perception weights and trainers."""

@@ -1,0 +1,1 @@
+"""One entry point per DVC stage: ``python -m appo.stages.<stage>`` reads params.yaml."""

@@ -1,0 +1,102 @@
+"""One small logging interface for every stage: a JSONL metrics file, plus MLflow when present.
+
+Stages call ``log_params`` / ``log_metrics(step=...)`` / ``log_artifact`` on a :class:`RunLogger`
+and never import MLflow themselves, so the core library runs where MLflow is not installed
+(the GPU machine) and the MLflow wiring lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class RunLogger:
+    """Per-step metrics to ``<out>/metrics.jsonl`` (appended, flushed) and, if enabled, MLflow.
+
+    ``mlflow`` is None (auto: on when the package imports and ``APPO_MLFLOW`` is not "0"),
+    True or False. ``run_id`` resumes an existing MLflow run after a restart.
+    """
+
+    def __init__(self, out_dir: str | Path, run_name: str, *, mlflow: bool | None = None,
+                 tags: dict[str, str] | None = None, run_id: str | None = None,
+                 nested: bool = False) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self._mlflow = None
+        self.run_id: str | None = None
+        if mlflow is None:
+            mlflow = os.environ.get("APPO_MLFLOW", "1") != "0" and _mlflow_available()
+        if mlflow:
+            import mlflow as mlf
+
+            from appo.mlflow_setup import configure
+
+            configure()
+            run = mlf.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                                nested=nested, tags=tags)
+            self._mlflow, self.run_id = mlf, run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self._mlflow is not None:
+            flat = {k: str(v)[:500] for k, v in flatten(params).items()}
+            self._mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.flush()
+        if self._mlflow is not None:
+            finite = {k: v for k, v in clean.items() if math.isfinite(v)}
+            self._mlflow.log_metrics(finite, step=step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        if self._mlflow is not None and Path(path).exists():
+            self._mlflow.log_artifact(str(path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags(tags)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._file.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run(status=status)
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FAILED" if exc_type else "FINISHED")
+
+
+def _mlflow_available() -> bool:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a metrics.jsonl file (for reports and tests)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

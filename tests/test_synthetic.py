@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pytest
+
+from appo.data.synthetic import COLORS, FAMILIES, Knobs, generate_split, make_question
+
+
+def _color_visible(frame: np.ndarray, rgb, tol: float = 40) -> bool:
+    dist = np.abs(frame.astype(float) - np.array(rgb)).max(-1)
+    return bool((dist < tol).sum() >= 20)
+
+
+def test_generator_is_deterministic(tmp_path):
+    a = generate_split(tmp_path / "a", "rl", 4, Knobs())
+    b = generate_split(tmp_path / "b", "rl", 4, Knobs())
+    assert a == b
+    assert (tmp_path / "a" / "rl.json").read_text() == (tmp_path / "b" / "rl.json").read_text()
+    other = generate_split(tmp_path / "c", "test", 4, Knobs())
+    assert [q.answer for q in other] != [q.answer for q in a] or other[0].key_frames != a[0].key_frames
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_colour_answer_is_visible_only_in_key_frames(seed):
+    frames, fields = make_question("flash_color", np.random.default_rng(seed), Knobs())
+    color = list(COLORS.values())["ABCD".index(fields["answer"])]
+    for t in range(len(frames)):
+        assert _color_visible(frames[t], color) == (t in fields["key_frames"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_count_matches_number_of_flashes(seed):
+    knobs = Knobs()
+    frames, fields = make_question("count", np.random.default_rng(seed), knobs)
+    lit = [t for t in range(len(frames)) if _color_visible(frames[t], (250, 250, 250))]
+    assert lit == list(fields["key_frames"])
+    assert len(lit) == int(fields["answer"]) * knobs.event_frames
+
+
+def test_order_answer_is_the_earlier_colour():
+    for seed in range(6):
+        frames, fields = make_question("order", np.random.default_rng(seed), Knobs())
+        first = min(fields["key_frames"])
+        name = "red" if _color_visible(frames[first], COLORS["red"]) else "blue"
+        assert fields["answer"] == ("A" if name == "red" else "B")
+
+
+def test_written_video_shows_answer_in_key_frames(tmp_path):
+    import decord
+
+    records = generate_split(tmp_path, "sft", 4, Knobs(), families=["flash_color"])
+    for qa in records:
+        frames = decord.VideoReader(str(tmp_path / qa.video)).get_batch(list(range(16))).asnumpy()
+        color = list(COLORS.values())["ABCD".index(qa.answer)]
+        for t in range(16):
+            assert _color_visible(frames[t], color) == (t in qa.key_frames)
+    rows = json.loads((tmp_path / "sft.json").read_text())
+    assert rows[0]["solution"] == f"<answer>{records[0].answer}</answer>"
+    assert rows[0]["process"].startswith("<think>") and rows[0]["key_frames"]
+
+
+def test_families_are_balanced_and_unknown_is_rejected(tmp_path):
+    records = generate_split(tmp_path, "val", 8, Knobs())
+    assert [r.family for r in records] == list(FAMILIES) * 2
+    with pytest.raises(ValueError, match="unknown family"):
+        make_question("nope", np.random.default_rng(0), Knobs())

@@ -108,7 +108,12 @@ def _check_dataclass(cls: type, raw: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
               for name, value in raw.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if where and not str(exc).startswith(where):
+            raise ConfigError(f"{where}: {exc}") from exc
+        raise
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -173,3 +178,156 @@ def load_yaml(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage sections")
     return data
+
+
+@dataclass
+class PerceptionConfig:
+    """APPO's token weighting (../shared/docs/appo-method.md sections 1-3, authors' defaults)."""
+
+    enabled: bool = False
+    layers: list[int] = field(default_factory=lambda: [-1, -2, -3])  # decoder layers read
+    k_avg: int = 15  # top-k tokens averaged into a frame score
+    k_f: int = 3  # top frames per response
+    K: int = 128  # perception tokens per crucial frame and response
+    w_max: float = 1.7  # weights lie in [1, w_max]
+    select_level: str = "all"  # all (code: force-all) | soft (code: hard) | hard (paper only)
+    select_strategy: str = "topk-union"  # topk-union | all
+    tau: float = 0.5  # accuracy threshold splitting the group into S1 / S2
+    weights_grad: bool = False  # authors' code lets gradient flow through the weights
+    query_chunk: int = 128
+
+
+@dataclass
+class AlgorithmConfig:
+    """The objective knobs; GRPO, DAPO and APPO are presets of these (params.yaml rl.algorithms)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg_mode: str = "seq-mean-token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    beta: float = 0.04  # KL(k3) to the frozen reference policy; 0 = no reference model
+    scale_std: bool = True  # false = Dr. GRPO advantages
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, resample
+    max_sampling_rounds: int = 3
+    overlong_buffer: int = 0  # DAPO soft overlong punishment window (tokens)
+    overlong_penalty: float = 1.0
+    weight_mode: str = "multiply"  # APPO: multiply | additive
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+
+    def __post_init__(self) -> None:
+        from appo.rl.objectives import AGG_MODES, WEIGHT_MODES
+        from appo.rl.perception import SELECT_LEVELS, SELECT_STRATEGIES
+
+        _one_of("agg_mode", self.agg_mode, AGG_MODES)
+        _one_of("weight_mode", self.weight_mode, WEIGHT_MODES)
+        _one_of("perception.select_level", self.perception.select_level, SELECT_LEVELS)
+        _one_of("perception.select_strategy", self.perception.select_strategy, SELECT_STRATEGIES)
+        if not 0 <= self.clip_low < 1 or not 0 <= self.clip_high:
+            raise ConfigError(f"clip_low must be in [0, 1) and clip_high >= 0, got "
+                              f"{self.clip_low} / {self.clip_high}")
+        if self.clip_high < self.clip_low:
+            raise ConfigError(f"clip_high ({self.clip_high}) < clip_low ({self.clip_low}): "
+                              "clip-higher means clip_high >= clip_low")
+        if self.beta < 0 or self.perception.w_max < 1:
+            raise ConfigError("beta must be >= 0 and perception.w_max >= 1")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"'{name}' is {value!r}; expected one of {', '.join(allowed)}")
+
+
+@dataclass
+class RLConfig:
+    """Shared RL knobs: every algorithm sees the same data order, batch, G, lr and steps."""
+
+    out_dir: str = "outputs/rl"
+    init: str = "outputs/sft/model"  # checkpoint the policy starts from
+    steps: int = 20
+    prompts_per_step: int = 4
+    num_generations: int = 8  # G
+    groups_per_micro_batch: int = 2  # gradient accumulation over whole groups
+    num_iterations: int = 1  # mu: policy updates per rollout batch
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    reward_weights: dict[str, float] = field(
+        default_factory=lambda: {"accuracy": 0.9, "format": 0.1})
+    freeze_vision: bool = True
+    gradient_checkpointing: bool = False
+    save_every: int = 10
+    max_bad_steps: int = 5
+    seed: int = 0
+    algorithms: dict[str, AlgorithmConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(f"'rl.num_generations' is {self.num_generations}; GRPO-family "
+                              "advantages need a group of at least 2")
+        for name in ("steps", "prompts_per_step", "groups_per_micro_batch", "num_iterations",
+                     "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"'rl.{name}' must be >= 1")
+
+    def algorithm(self, name: str) -> AlgorithmConfig:
+        if name not in self.algorithms:
+            raise ConfigError(f"rl.algorithms has no preset '{name}' "
+                              f"(presets: {', '.join(sorted(self.algorithms)) or 'none'})")
+        return self.algorithms[name]
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a checkpoint: greedy decoding over the test split and extra benchmarks."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    missing: str = "wrong"  # wrong (a missing video scores 0) | exclude (left out, still listed)
+    splits: list[str] = field(default_factory=lambda: ["test"])  # from data.out_dir
+    # extra benchmarks: name -> annotation file (Video-R1 / NExT-GQA / SEED-Bench-R1, auto)
+    benchmarks: dict[str, str] = field(default_factory=dict)
+    video_root: str | None = None
+    image_root: str | None = None
+    strip_prefix: str | None = None
+    seed: int = 0
+    # decoder layers whose attention decides the most-attended frame (perception hit rate);
+    # [] turns the hit rate off
+    perception_layers: list[int] = field(default_factory=lambda: [-1, -2, -3])
+
+
+@dataclass
+class SFTConfig:
+    """Video-R1-style chain-of-thought SFT warm start (loss on the assistant target tokens only)."""
+
+    out_dir: str = "outputs/sft"  # <out_dir>/model is the checkpoint RL starts from
+    split: str = "sft"  # split of data.out_dir with the CoT (``process``) targets
+    init: str | None = None  # start checkpoint; null -> model.out_dir (the init_model output)
+    epochs: float = 3.0  # passes over the split (used when max_steps is 0)
+    max_steps: int = 0  # > 0: optimizer steps to run, overriding epochs
+    batch_size: int = 16  # questions per micro-batch (padded)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 20  # linear warmup (optimizer steps)
+    weight_decay: float = 0.0  # AdamW; never applied to biases and norm weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged and checked)
+    max_bad_steps: int = 3  # more non-finite steps in a row than this -> error
+    freeze_vision: bool = True  # vision tower (ViT + merger) frozen, as in the APPO recipe
+    gradient_checkpointing: bool = False
+    lora: bool = False  # LoRA adapters on the language model, merged into the saved weights
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | no | bf16
+    train_dtype: str = "float32"  # dtype of the trained (master) weights; auto = model.dtype
+    save_every: int = 100  # optimizer steps between resumable checkpoints (0 = never)
+    keep_checkpoints: int = 2  # newest checkpoints kept under <out_dir>/checkpoints
+    resume: bool = True  # continue from the newest checkpoint of an identical config
+    seed: int | None = None  # data order and init RNG; null -> the top-level seed

@@ -100,3 +100,27 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def open_run(out_dir: str | Path, run_name: str, *, run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> RunLogger:
+    """A RunLogger that reopens MLflow run ``run_id`` after a resume, else starts a new run."""
+    if run_id is not None:
+        try:
+            return RunLogger(out_dir, run_name, run_id=run_id, tags=tags)
+        except Exception as exc:  # the MLflow store was reset or moved: log into a new run
+            print(f"{run_name}: cannot reopen MLflow run {run_id} ({exc}); starting a new run")
+    return RunLogger(out_dir, run_name, tags=tags)
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drop metric rows a crashed run logged after its last checkpoint (they are redone)."""
+    from appo.io import atomic_write_text
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))

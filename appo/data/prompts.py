@@ -20,12 +20,20 @@ TYPE_INSTRUCTIONS = {
 }
 
 
+# Temporal-grounding benchmarks: the answer also carries <time>s to e</time> spans (NExT-GQA).
+GROUNDING_DATASETS = frozenset({"nextgqa"})
+
+
 def question_text(qa: VideoQA) -> str:
     """Question, its lettered options and the answer-format instruction, one per line."""
     lines = [qa.problem]
     if qa.options:
         lines.append("Options: " + " ".join(qa.options))
     lines.append(TYPE_INSTRUCTIONS[qa.problem_type])
+    if qa.dataset_name in GROUNDING_DATASETS:
+        duration = f"The video lasts {qa.duration:.1f} seconds. " if qa.duration else ""
+        lines.append(f"{duration}After the answer, give the time spans that support it as "
+                     "<time>s to e</time> in seconds.")
     return "\n".join(lines)
 
 

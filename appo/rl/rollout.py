@@ -1,0 +1,190 @@
+"""Rollouts: sample G responses per prompt, and score token log-probs of given responses.
+
+One small interface for RL training and evaluation: prompts (from
+:func:`appo.data.collate.encode_prompts`) in; response ids, masks, EOS/truncation flags and the
+sampling policy's per-token log-probs out. The full sequence of a rollout is
+``[prompt (left-padded, length P) | response (right-padded, length N)]``, so every response
+token n sits at position P + n and is predicted by position P + n - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from appo.data.collate import VISUAL_KEYS
+
+
+@dataclass
+class Rollout:
+    """G sampled responses for each of B prompts, group-major (rows b*G .. b*G+G-1)."""
+
+    prompt_ids: torch.Tensor  # [B*G, P] left-padded
+    prompt_mask: torch.Tensor  # [B*G, P]
+    response_ids: torch.Tensor  # [B*G, N] right-padded with pad_token_id
+    response_mask: torch.Tensor  # [B*G, N] float, 1 up to and including EOS
+    logprobs: torch.Tensor  # [B*G, N] sampling log-probs (temperature applied), 0 at padding
+    truncated: torch.Tensor  # [B*G] bool: no EOS within max_new_tokens
+    texts: list[str]
+    visual: dict[str, torch.Tensor] = field(default_factory=dict)  # repeated per response
+    group_size: int = 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1).long()
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Inputs of the full prompt+response sequences, for scoring and training forwards."""
+        return {
+            "input_ids": torch.cat([self.prompt_ids, self.response_ids], 1),
+            "attention_mask": torch.cat([self.prompt_mask, self.response_mask.long()], 1),
+            **self.visual,
+        }
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout restricted to ``rows`` (e.g. the groups kept by dynamic sampling)."""
+        rows = rows.to(self.prompt_ids.device)
+        idx = rows.tolist()
+        visual = _select_visual(self.visual, idx)
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
+                       self.response_mask[rows], self.logprobs[rows], self.truncated[rows],
+                       [self.texts[i] for i in idx], visual, self.group_size)
+
+
+# (patch-row tensor, its grid tensor): pixel rows of all samples are concatenated.
+_MEDIA = (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw"))
+
+
+def _select_visual(visual: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """Visual inputs of the given batch rows (one video, optionally one image, per row)."""
+    out: dict[str, torch.Tensor] = {}
+    for values_key, grid_key in _MEDIA:
+        if values_key not in visual:
+            continue
+        grid = visual[grid_key]
+        chunks = visual[values_key].split(grid.prod(-1).tolist())
+        out[values_key] = torch.cat([chunks[i] for i in rows])
+        out[grid_key] = grid[rows]
+    if "second_per_grid_ts" in visual:
+        out["second_per_grid_ts"] = visual["second_per_grid_ts"][rows]
+    return out
+
+
+def repeat_prompts(batch: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
+    """Each prompt (and its video patches) repeated ``times`` times, consecutively."""
+    rows = torch.arange(batch["input_ids"].shape[0]).repeat_interleave(times)
+    out = _select_visual({k: v for k, v in batch.items() if k in VISUAL_KEYS}, rows.tolist())
+    out["input_ids"] = batch["input_ids"][rows]
+    out["attention_mask"] = batch["attention_mask"][rows]
+    return out
+
+
+MEDIA_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                "<|video_pad|>")
+
+
+def media_token_ids(processor) -> list[int]:
+    """Placeholder tokens a response must never contain (the model would expect pixels)."""
+    ids = processor.tokenizer.convert_tokens_to_ids(list(MEDIA_TOKENS))
+    return [i for i in ids if i is not None and i >= 0]
+
+
+def stop_token_ids(processor) -> list[int]:
+    tok = processor.tokenizer
+    return [i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
+            if i is not None and i >= 0]
+
+
+def response_mask_from_ids(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask = 1 up to and including the first stop token; truncated = row has no stop token."""
+    is_stop = torch.isin(ids, torch.tensor(stop_ids, device=ids.device))
+    seen_before = (is_stop.long().cumsum(1) - is_stop.long()) > 0
+    return (~seen_before).float(), ~is_stop.any(1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    processor,
+    batch: dict[str, torch.Tensor],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> Rollout:
+    """Sample ``num_samples`` responses per prompt with the KV-cached, batched ``generate``.
+
+    Sampling log-probs are log_softmax(logits / temperature) of the sampled token (top-p only
+    decides which tokens may be drawn), the same quantity the training forward computes, so
+    the importance ratio starts at exactly 1 for mu = 1.
+    """
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in repeat_prompts(batch, num_samples).items()}
+    pad = processor.tokenizer.pad_token_id
+    stops = stop_token_ids(processor)
+    out = model.generate(
+        **inputs,
+        do_sample=not greedy,
+        temperature=temperature if not greedy else None,
+        top_p=top_p if not greedy else None,
+        top_k=0 if not greedy else None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        suppress_tokens=media_token_ids(processor),
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+    response = out.sequences[:, prompt_len:]
+    mask, truncated = response_mask_from_ids(response, stops)
+    response = torch.where(mask.bool(), response, torch.full_like(response, pad))
+    logits = torch.stack(out.logits, 1).float()  # [B*G, N, V] raw logits of every step
+    scale = 1.0 if greedy else temperature
+    logprobs = torch.log_softmax(logits / scale, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    texts = processor.tokenizer.batch_decode(
+        [r[m.bool()] for r, m in zip(response, mask)], skip_special_tokens=False)
+    texts = [_strip_stop(t, processor) for t in texts]
+    visual = {k: v for k, v in inputs.items() if k in VISUAL_KEYS}
+    return Rollout(inputs["input_ids"], inputs["attention_mask"], response, mask,
+                   logprobs * mask, truncated, texts, visual, num_samples)
+
+
+def _strip_stop(text: str, processor) -> str:
+    for stop in ("<|im_end|>", "<|endoftext|>"):
+        text = text.replace(stop, "")
+    return text.strip()
+
+
+def token_logprobs(
+    model, inputs: dict[str, torch.Tensor], response_ids: torch.Tensor, temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(response token | prefix) [B, N], final hidden states at the predicting positions).
+
+    Only the last N + 1 positions get logits (``logits_to_keep``), and log-probs are computed as
+    gathered logit minus logsumexp, never materialising a second [B, N, V] tensor.
+    """
+    n = response_ids.shape[1]
+    captured: dict[str, torch.Tensor] = {}
+    norm = _final_norm(model)
+    handle = norm.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
+    try:
+        out = model(**inputs, logits_to_keep=n + 1, use_cache=False)
+    finally:
+        handle.remove()
+    logits = out.logits[:, :-1].float() / temperature
+    chosen = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    logp = chosen - torch.logsumexp(logits, -1)
+    hidden = captured["h"][:, -(n + 1):-1]
+    return logp, hidden
+
+
+def _final_norm(model) -> torch.nn.Module:
+    """The language model's final RMSNorm, whose output feeds lm_head."""
+    lm = getattr(getattr(model, "model", model), "language_model", None)
+    if lm is None or not hasattr(lm, "norm"):
+        raise TypeError(f"{type(model).__name__}: cannot find the language model's final norm")
+    return lm.norm

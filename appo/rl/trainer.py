@@ -1,0 +1,322 @@
+"""The one RL trainer that GRPO, DAPO and APPO share.
+
+A step: sample G responses for each prompt -> rewards (+ DAPO overlong shaping) -> DAPO dynamic
+sampling (optional) -> group advantages -> mu policy updates over micro-batches of whole groups
+(so group statistics and APPO's intra-group weights stay exact) with the clipped surrogate.
+The algorithms differ only in :class:`appo.config.AlgorithmConfig` values, which select the
+pure functions in :mod:`appo.rl.objectives` and :mod:`appo.rl.perception`; there is no
+``if algo == ...`` anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from appo.config import AlgorithmConfig, RLConfig
+from appo.data.collate import encode_prompts
+from appo.data.frames import FrameStore
+from appo.data.schema import VideoQA
+from appo.rl import objectives
+from appo.rl.perception import perception_weights
+from appo.rl.rewards import RewardSpec, score_responses
+from appo.rl.rollout import Rollout, generate, token_logprobs
+from appo.train.common import SkipCounter, clip_gradients
+
+
+@dataclass
+class Batch:
+    """A rollout with everything the update needs (group-major rows)."""
+
+    rollout: Rollout
+    records: list[VideoQA]  # one per row
+    rewards: torch.Tensor  # [B*G] total (shaped) reward
+    correct: torch.Tensor  # [B*G] bool, accuracy >= tau
+    advantages: torch.Tensor  # [B*G]
+    metrics: dict[str, float]
+
+
+class PromptSampler:
+    """Seeded epoch-wise shuffling; the position is state, so a resumed run sees the same order."""
+
+    def __init__(self, records: Sequence[VideoQA], seed: int) -> None:
+        if not records:
+            raise ValueError("the RL split is empty")
+        self.records, self.seed, self.position = list(records), seed, 0
+
+    def next(self, count: int) -> list[VideoQA]:
+        out = []
+        for _ in range(count):
+            epoch, offset = divmod(self.position, len(self.records))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+            out.append(self.records[order[offset]])
+            self.position += 1
+        return out
+
+
+RewardFn = Callable[[Sequence[str], Sequence[VideoQA]], dict[str, list[float]]]
+
+
+def shaped_rewards(rollout: Rollout, records: Sequence[VideoQA], reward_fn: RewardFn,
+                   algo: AlgorithmConfig, max_new_tokens: int, tau: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Total reward per response (weighted components + overlong penalty) and correctness.
+
+    ``reward_fn(texts, records)`` returns per-response component lists including "total"
+    (and "accuracy", which decides correctness for APPO's S1/S2 split; else "total" does).
+    """
+    scores = reward_fn(rollout.texts, records)
+    total = torch.tensor(scores["total"], dtype=torch.float32)
+    metrics = {f"reward/{k}": float(np.mean(v)) for k, v in scores.items()}
+    if algo.overlong_buffer > 0:
+        # Truncated responses count as longer than the budget (-> full penalty).
+        lengths = rollout.lengths.cpu() + rollout.truncated.cpu().long()
+        penalty = objectives.overlong_penalty(lengths, max_new_tokens, algo.overlong_buffer,
+                                              algo.overlong_penalty)
+        total = total + penalty
+        metrics["reward/overlong"] = float(penalty.mean())
+    accuracy = torch.tensor(scores.get("accuracy", scores["total"]), dtype=torch.float32)
+    return total, accuracy >= tau, metrics
+
+
+def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Join rollouts of different prompt/response lengths (left-pad prompts, right-pad responses)."""
+    if len(parts) == 1:
+        return parts[0]
+    p = max(r.prompt_ids.shape[1] for r in parts)
+    n = max(r.response_ids.shape[1] for r in parts)
+
+    def left(x, width, value):
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right(x, width, value):
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    visual: dict[str, torch.Tensor] = {}
+    for key in parts[0].visual:
+        visual[key] = torch.cat([r.visual[key] for r in parts])
+    return Rollout(
+        torch.cat([left(r.prompt_ids, p, pad_id) for r in parts]),
+        torch.cat([left(r.prompt_mask, p, 0) for r in parts]),
+        torch.cat([right(r.response_ids, n, pad_id) for r in parts]),
+        torch.cat([right(r.response_mask, n, 0) for r in parts]),
+        torch.cat([right(r.logprobs, n, 0) for r in parts]),
+        torch.cat([r.truncated for r in parts]),
+        [t for r in parts for t in r.texts],
+        visual,
+        parts[0].group_size,
+    )
+
+
+class RLTrainer:
+    """Composes rollout, rewards, advantages and the policy loss; owns no algorithm branches."""
+
+    def __init__(self, model, processor, cfg: RLConfig, algo: AlgorithmConfig,
+                 records: Sequence[VideoQA], store: FrameStore, *, ref_model=None,
+                 optimizer=None, scheduler=None, reward_fn: RewardFn | None = None) -> None:
+        if cfg.num_generations < 2:
+            raise ValueError("rl.num_generations must be >= 2 (group statistics need a group)")
+        if algo.beta > 0 and ref_model is None:
+            raise ValueError("beta > 0 needs a reference model")
+        self.model, self.processor, self.cfg, self.algo = model, processor, cfg, algo
+        self.ref_model, self.store = ref_model, store
+        self.sampler = PromptSampler(records, cfg.seed)
+        self.reward_fn = reward_fn or partial(
+            score_responses, spec=RewardSpec(weights=dict(cfg.reward_weights)))
+        self.optimizer = optimizer or torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+            weight_decay=cfg.weight_decay)
+        self.scheduler = scheduler
+        self.device = next(model.parameters()).device
+        self.skips = SkipCounter(cfg.max_bad_steps)
+        self.steps_done = 0
+
+    # -- rollout phase -------------------------------------------------------------------
+    def _rollout(self, records: list[VideoQA]) -> tuple[Rollout, list[VideoQA]]:
+        batch = encode_prompts(self.processor, records, self.store)
+        self.model.eval()
+        rollout = generate(self.model, self.processor, batch, num_samples=self.cfg.num_generations,
+                           max_new_tokens=self.cfg.max_new_tokens,
+                           temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+        rows = [qa for qa in records for _ in range(self.cfg.num_generations)]
+        return rollout, rows
+
+    def collect(self) -> Batch:
+        """Rollouts until ``prompts_per_step`` groups are kept (DAPO dynamic sampling)."""
+        cfg, algo, g = self.cfg, self.algo, self.cfg.num_generations
+        tau = algo.perception.tau
+        kept: list[Rollout] = []
+        kept_rows: list[VideoQA] = []
+        rewards, correct = [], []
+        metrics: dict[str, list[float]] = {}
+        generated_tokens, t0 = 0, time.perf_counter()
+        rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
+        groups_seen = 0
+        for _ in range(rounds):
+            need = cfg.prompts_per_step - sum(r.prompt_ids.shape[0] // g for r in kept)
+            if need <= 0:
+                break
+            rollout, rows = self._rollout(self.sampler.next(need))
+            generated_tokens += int(rollout.lengths.sum())
+            total, ok, m = shaped_rewards(rollout, rows, self.reward_fn, algo, cfg.max_new_tokens,
+                                          tau)
+            for k, v in m.items():
+                metrics.setdefault(k, []).append(v)
+            metrics.setdefault("accuracy", []).append(float(ok.float().mean()))
+            metrics.setdefault("response_length", []).append(float(rollout.lengths.float().mean()))
+            metrics.setdefault("truncated_frac", []).append(float(rollout.truncated.float().mean()))
+            groups_seen += need
+            if algo.dynamic_sampling:
+                keep_groups = objectives.groups_with_signal(total, g)
+                rows_mask = keep_groups.repeat_interleave(g)
+                idx = rows_mask.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                rollout, total, ok = rollout.select(idx), total[idx], ok[idx]
+                rows = [rows[i] for i in idx.tolist()]
+            kept.append(rollout)
+            kept_rows += rows
+            rewards.append(total)
+            correct.append(ok)
+        if not kept:  # every group had equal rewards: fall back to the last rollout (zero advantage)
+            kept, kept_rows, rewards, correct = [rollout], rows, [total], [ok]
+        merged = _concat_rollouts(kept, self.processor.tokenizer.pad_token_id)
+        reward = torch.cat(rewards)
+        n_groups = merged.prompt_ids.shape[0] // g
+        if n_groups > cfg.prompts_per_step:  # a final round may overshoot; keep whole groups
+            idx = torch.arange(cfg.prompts_per_step * g)
+            merged, reward = merged.select(idx), reward[idx]
+            kept_rows = kept_rows[: len(idx)]
+            correct = [torch.cat(correct)[idx]]
+        elapsed = time.perf_counter() - t0
+        out = {k: float(np.mean(v)) for k, v in metrics.items()}
+        out.update({
+            "groups_kept": float(merged.prompt_ids.shape[0] // g),
+            "groups_sampled": float(groups_seen),
+            "rollout_tokens_per_s": generated_tokens / max(elapsed, 1e-9),
+            "rollout_time": elapsed,
+        })
+        advantages = objectives.group_advantages(reward, g, scale_std=algo.scale_std)
+        return Batch(merged, kept_rows, reward, torch.cat(correct), advantages, out)
+
+    # -- update phase --------------------------------------------------------------------
+    def _micro_batches(self, batch: Batch) -> list[torch.Tensor]:
+        g = self.cfg.num_generations
+        rows = torch.arange(batch.rollout.prompt_ids.shape[0])
+        return list(rows.split(self.cfg.groups_per_micro_batch * g))
+
+    def _loss(self, batch: Batch, rows: torch.Tensor, weights_cache: dict) -> tuple[torch.Tensor, dict]:
+        cfg, algo = self.cfg, self.algo
+        part = batch.rollout.select(rows)
+        inputs = {k: v.to(self.device) for k, v in part.model_inputs().items()}
+        response = part.response_ids.to(self.device)
+        mask = part.response_mask.to(self.device)
+        perception = algo.perception.enabled and int(rows[0]) not in weights_cache
+        recorder = None
+        if perception:
+            from appo.rl.frame_attention import FrameAttentionRecorder
+
+            recorder = FrameAttentionRecorder(self.model, algo.perception.layers,
+                                              algo.perception.query_chunk)
+            recorder.prepare(inputs["input_ids"], inputs["attention_mask"],
+                             inputs["video_grid_thw"], part.prompt_ids.shape[1], response.shape[1])
+            with recorder:
+                logp, hidden = token_logprobs(self.model, inputs, response, cfg.temperature)
+        else:
+            logp, hidden = token_logprobs(self.model, inputs, response, cfg.temperature)
+        old = part.logprobs.to(self.device) if cfg.num_iterations > 1 else logp.detach()
+        stats: dict[str, float] = {}
+        weights = None
+        if algo.perception.enabled:
+            if perception:
+                attn, _ = recorder.result()
+                weights_cache[int(rows[0])], pstats = self._perception_weights(
+                    attn, mask, batch.correct[rows], hidden, logp)
+                stats.update(pstats)
+            weights = weights_cache[int(rows[0])]
+        ref = None
+        if algo.beta > 0:
+            with torch.no_grad():
+                ref, _ = token_logprobs(self.ref_model, inputs, response, cfg.temperature)
+        loss, lstats = objectives.policy_loss(
+            logp, old, batch.advantages[rows].to(self.device), mask,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, agg_mode=algo.agg_mode,
+            token_weights=weights, weight_mode=algo.weight_mode, logp_ref=ref, beta=algo.beta,
+            max_len=cfg.max_new_tokens)
+        stats.update({k: float(v) for k, v in lstats.items()})
+        with torch.no_grad():
+            stats["entropy_proxy"] = float(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1))
+        return loss, stats
+
+    def _perception_weights(self, attn, mask, correct, hidden, logp) -> tuple[torch.Tensor, dict]:
+        """APPO token weights for each group of the micro-batch (one call per group)."""
+        p, g = self.algo.perception, self.cfg.num_generations
+        lm_head = self.model.get_output_embeddings()
+        weights, infos = [], []
+        h_source = hidden if p.weights_grad else hidden.detach()
+        for start in range(0, attn.shape[0], g):
+            sl = slice(start, start + g)
+            h = h_source[sl]
+
+            def logp_fn(index, h=h):
+                # index [F, G, Kc] -> full-vocab log-probs at those positions only
+                f, gg, kc = index.shape
+                rows = torch.arange(gg, device=index.device).view(1, gg, 1).expand_as(index)
+                picked = h[rows.reshape(-1), index.reshape(-1)]
+                logits = lm_head(picked).float() / self.cfg.temperature
+                return torch.log_softmax(logits, -1).view(f, gg, kc, -1)
+
+            w, info = perception_weights(
+                attn[sl].to(self.device), mask[sl].bool(), correct[sl].to(self.device), logp_fn,
+                k_avg=p.k_avg, k_f=p.k_f, K=p.K, w_max=p.w_max, select_level=p.select_level,
+                select_strategy=p.select_strategy, weights_grad=p.weights_grad)
+            weights.append(w.to(hidden.dtype) if not p.weights_grad else w)
+            infos.append(info)
+        stats = {
+            f"appo/{k}": float(np.mean([float(i[k]) for i in infos]))
+            for k in ("num_crucial_frames", "perception_token_frac", "weight_mean", "weight_max")
+        }
+        self.last_crucial_frames = [i["crucial_frames"].tolist() for i in infos]
+        return torch.cat(weights), stats
+
+    def train_step(self) -> dict[str, float]:
+        """One RL step: collect, then mu passes of accumulated micro-batch updates."""
+        t0 = time.perf_counter()
+        batch = self.collect()
+        self.last_batch = batch
+        micro = self._micro_batches(batch)
+        self.model.train()
+        weights_cache: dict = {}
+        stats_all: list[dict] = []
+        grad_norm = 0.0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for _ in range(self.cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for rows in micro:
+                loss, stats = self._loss(batch, rows, weights_cache)
+                (loss * len(rows) / batch.rollout.prompt_ids.shape[0]).backward()
+                stats["loss"] = float(loss.detach())
+                stats_all.append(stats)
+            grad_norm = clip_gradients(params, self.cfg.max_grad_norm)
+            ok = np.isfinite(grad_norm) and all(np.isfinite(s["loss"]) for s in stats_all)
+            self.skips.update(ok, self.steps_done)  # raises after max_bad_steps in a row
+            if not ok:  # skip the update: a non-finite step must never reach the weights
+                self.optimizer.zero_grad(set_to_none=True)
+                break
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps_done += 1
+        metrics = dict(batch.metrics)
+        keys = {k for s in stats_all for k in s}
+        metrics.update({k: float(np.mean([s[k] for s in stats_all if k in s])) for k in keys})
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["skipped_steps"] = float(self.skips.total)
+        metrics["reward"] = float(batch.rewards.mean())
+        metrics["step_time"] = time.perf_counter() - t0
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return metrics

@@ -1,0 +1,131 @@
+"""DVC stage ``rl@<algo>``: train the SFT checkpoint with GRPO, DAPO or APPO.
+
+``python -m appo.stages.rl --algo appo`` reads params.yaml (sections seed, data, frames, model,
+rl), trains ``rl.steps`` steps on the ``rl`` split and writes ``<rl.out_dir>/<algo>/model`` (a
+checkpoint loadable like any other), ``metrics.json`` and ``metrics.jsonl``. Training state is
+checkpointed every ``rl.save_every`` steps under ``<rl.out_dir>/<algo>/checkpoints``; the same
+command after a crash resumes from the newest one (same weights, optimizer, RNG, data position
+and MLflow run), provided the configuration is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+from appo.config import DataConfig, FramesConfig, ModelConfig, RLConfig, load_section, load_yaml
+from appo.data.dataset import load_split, split_path
+from appo.data.frames import FrameStore
+from appo.io import atomic_write_json
+from appo.models.loading import load_policy
+from appo.rl.trainer import RLTrainer
+from appo.tracking import open_run, truncate_metrics
+from appo.train import common
+
+# Knobs that may change between a crash and its resume without invalidating the checkpoint.
+RESUME_SAFE = {"steps", "save_every", "max_bad_steps"}
+
+
+def _fingerprint(cfg: RLConfig, algo_name: str, seed: int) -> str:
+    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE}
+    knobs["algorithms"] = {algo_name: knobs["algorithms"][algo_name]}
+    return common.config_fingerprint({"rl": knobs, "algo": algo_name, "seed": seed})
+
+
+def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    cfg = load_section(RLConfig, "rl", params)
+    algo = cfg.algorithm(algo_name)
+    model_cfg = load_section(ModelConfig, "model", params)
+    data = load_section(DataConfig, "data", params)
+    frames = load_section(FramesConfig, "frames", params)
+    seed = int(load_yaml(params).get("seed", 0)) + cfg.seed
+    total_steps = steps or cfg.steps
+    out = Path(cfg.out_dir) / algo_name
+    ckpt_root = out / "checkpoints"
+
+    common.seed_everything(seed)
+    model, processor = load_policy(cfg.init, model_cfg.dtype, model_cfg.attn_implementation,
+                                   model_cfg.device)
+    ref_model = None
+    if algo.beta > 0:  # frozen copy of the start policy, no grads (bf16 on GPU via load dtype)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    model = common.prepare_for_training(model, freeze_vision=cfg.freeze_vision,
+                                        gradient_checkpointing=cfg.gradient_checkpointing)
+    optimizer = common.build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = common.build_scheduler(optimizer, cfg.warmup_steps, total_steps, min_lr_ratio=1.0)
+    records = load_split(split_path(data.out_dir, "rl"))
+    trainer = RLTrainer(model, processor, dataclasses.replace(cfg, seed=seed), algo, records,
+                        FrameStore(frames.out_dir), ref_model=ref_model, optimizer=optimizer,
+                        scheduler=scheduler)
+
+    fingerprint = _fingerprint(cfg, algo_name, seed)
+    start, run_id, elapsed = 0, None, 0.0
+    latest = common.latest_checkpoint(ckpt_root)
+    if latest is not None:
+        state = common.load_training_state(latest, model, optimizer, scheduler)
+        if state.get("fingerprint") != fingerprint:
+            raise RuntimeError(f"{latest}: checkpoint of a different rl configuration; delete "
+                               f"{ckpt_root} to start over")
+        start, run_id, elapsed = state["step"], state.get("run_id"), state.get("elapsed", 0.0)
+        trainer.sampler.position = state["sampler_position"]
+        trainer.skips.load_state_dict(state["skips"])
+        trainer.steps_done = start
+        truncate_metrics(out / "metrics.jsonl", start - 1)
+        print(f"rl {algo_name}: resuming from {latest} (step {start})")
+
+    history: list[dict] = []
+    t0 = time.perf_counter() - elapsed
+    tags = {"stage": f"rl@{algo_name}", "algorithm": algo_name, "seed": str(seed)}
+    with open_run(out, f"rl-{algo_name}", run_id=run_id, tags=tags) as log:
+        if run_id is None:
+            log.log_params({"rl": {k: v for k, v in vars(cfg).items() if k != "algorithms"},
+                            "algorithm": dataclasses.asdict(algo), "algo": algo_name,
+                            "seed": seed})
+        bar = tqdm(range(start, total_steps), desc=f"rl {algo_name}", unit="step",
+                   initial=start, total=total_steps, disable=not progress)
+        for step in bar:
+            metrics = trainer.train_step()
+            history.append(metrics)
+            log.log_metrics(metrics, step)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            done = step + 1
+            if cfg.save_every > 0 and done % cfg.save_every == 0 and done < total_steps:
+                common.save_training_state(ckpt_root / f"step-{done}", model, optimizer, scheduler, {
+                    "step": done, "sampler_position": trainer.sampler.position,
+                    "skips": trainer.skips.state_dict(), "run_id": log.run_id,
+                    "fingerprint": fingerprint, "elapsed": time.perf_counter() - t0})
+                common.prune_checkpoints(ckpt_root, keep=2)
+        common.export_model(model, processor, out / "model")
+        tail = history[-5:] or [{"reward": float("nan"), "accuracy": float("nan")}]
+        summary = {
+            "algorithm": algo_name,
+            "steps": total_steps,
+            "train_time_s": round(time.perf_counter() - t0, 2),
+            "final_reward": sum(m["reward"] for m in tail) / len(tail),
+            "final_accuracy": sum(m["accuracy"] for m in tail) / len(tail),
+            "skipped_steps": trainer.skips.total,
+        }
+        atomic_write_json(out / "metrics.json", summary)
+        log.log_metrics({f"final/{k}": v for k, v in summary.items()
+                         if isinstance(v, (int, float))}, total_steps)
+        log.log_artifact(out / "metrics.json")
+    print(f"rl {algo_name}: {summary}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--algo", required=True, help="a preset name under rl.algorithms")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=None, help="override rl.steps")
+    args = parser.parse_args(argv)
+    run(args.params, args.algo, args.steps)
+
+
+if __name__ == "__main__":
+    main()

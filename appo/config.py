@@ -198,6 +198,20 @@ class PerceptionConfig:
 
 
 @dataclass
+class TemporalConfig:
+    """Video-R1's T-GRPO reward terms (temporal contrast on shuffled frames, length bonus)."""
+
+    enabled: bool = False
+    shuffled_fraction: float = 0.5  # G' = G * fraction responses on shuffled frames
+    bonus: float = 0.3
+    condition: str = "ratio"  # ratio: p >= ratio * p~ (published code) | greater: p > p~ (paper)
+    ratio: float = 0.8
+    length_bonus: float = 0.0  # Video-R1's optional +0.2 for correct answers of suitable length
+    length_min: int = 320
+    length_max: int = 512
+
+
+@dataclass
 class AlgorithmConfig:
     """The objective knobs; GRPO, DAPO and APPO are presets of these (params.yaml rl.algorithms)."""
 
@@ -212,6 +226,7 @@ class AlgorithmConfig:
     overlong_penalty: float = 1.0
     weight_mode: str = "multiply"  # APPO: multiply | additive
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
 
     def __post_init__(self) -> None:
         from appo.rl.objectives import AGG_MODES, WEIGHT_MODES
@@ -221,6 +236,9 @@ class AlgorithmConfig:
         _one_of("weight_mode", self.weight_mode, WEIGHT_MODES)
         _one_of("perception.select_level", self.perception.select_level, SELECT_LEVELS)
         _one_of("perception.select_strategy", self.perception.select_strategy, SELECT_STRATEGIES)
+        _one_of("temporal.condition", self.temporal.condition, ("ratio", "greater"))
+        if not 0 < self.temporal.shuffled_fraction <= 1:
+            raise ConfigError("temporal.shuffled_fraction must be in (0, 1]")
         if not 0 <= self.clip_low < 1 or not 0 <= self.clip_high:
             raise ConfigError(f"clip_low must be in [0, 1) and clip_high >= 0, got "
                               f"{self.clip_low} / {self.clip_high}")

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from appo.config import AlgorithmConfig, PerceptionConfig, RLConfig
+from appo.config import AlgorithmConfig, PerceptionConfig, RLConfig, TemporalConfig
 from appo.data.collate import encode_prompts
 from appo.rl.rollout import (
     generate,
@@ -22,6 +22,8 @@ DAPO = AlgorithmConfig(clip_high=0.28, agg_mode="token-mean", beta=0.0, dynamic_
                        overlong_buffer=8)
 APPO = AlgorithmConfig(clip_high=0.28, agg_mode="token-mean", beta=0.0,
                        perception=PerceptionConfig(enabled=True, K=8, k_avg=4))
+TGRPO = AlgorithmConfig(temporal=TemporalConfig(enabled=True, length_bonus=0.2, length_min=2,
+                                                length_max=10))
 
 
 @pytest.fixture()
@@ -75,7 +77,7 @@ def test_prompt_sampler_is_seeded_and_resumable():
     assert sorted(first[:5]) == list(range(5))  # each epoch is a permutation
 
 
-@pytest.mark.parametrize("algo", [GRPO, DAPO, APPO], ids=["grpo", "dapo", "appo"])
+@pytest.mark.parametrize("algo", [GRPO, DAPO, APPO, TGRPO], ids=["grpo", "dapo", "appo", "tgrpo"])
 def test_end_to_end_steps_change_weights(fresh_policy, synthetic_data, algo):
     model, processor = fresh_policy
     _, store, records = synthetic_data
@@ -95,6 +97,8 @@ def test_end_to_end_steps_change_weights(fresh_policy, synthetic_data, algo):
         assert metrics["appo/num_crucial_frames"] >= 1
     if algo.dynamic_sampling:
         assert metrics["groups_sampled"] >= metrics["groups_kept"]
+    if algo.temporal.enabled:
+        assert "reward/temporal" in metrics and "reward/length" in metrics
 
 
 def _digit_reward(texts, records):
@@ -172,3 +176,47 @@ def _rows(path):
     import json
 
     return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def test_appo_with_unit_weights_is_exactly_dapo(fresh_policy, synthetic_data):
+    """w_max = 1 makes every perception weight 1: loss and gradients must equal DAPO's."""
+    import dataclasses
+
+    model, processor = fresh_policy
+    _, store, records = synthetic_data
+    cfg = RLConfig(prompts_per_step=2, num_generations=4, max_new_tokens=10,
+                   groups_per_micro_batch=2)
+    unit = dataclasses.replace(APPO, perception=dataclasses.replace(APPO.perception, w_max=1.0))
+    dapo = dataclasses.replace(APPO, perception=PerceptionConfig(enabled=False))
+    torch.manual_seed(0)
+    batch = RLTrainer(model, processor, cfg, dapo, records["rl"], store,
+                      reward_fn=_digit_reward).collect()
+    rows = torch.arange(batch.rollout.prompt_ids.shape[0])
+    grads = []
+    for algo in (unit, dapo):
+        trainer = RLTrainer(model, processor, cfg, algo, records["rl"], store)
+        model.zero_grad()
+        loss, stats = trainer._loss(batch, rows, {})
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()
+                                      if p.grad is not None]))
+        if algo is unit:
+            assert stats["appo/weight_max"] == 1.0 and stats["appo/num_crucial_frames"] >= 1
+    (l_unit, g_unit), (l_dapo, g_dapo) = grads
+    assert torch.equal(l_unit, l_dapo)
+    assert len(g_unit) == len(g_dapo) > 0
+    assert any(g.abs().sum() > 0 for g in g_dapo), "degenerate batch: zero gradient"
+    for a, b in zip(g_unit, g_dapo):
+        assert torch.equal(a, b)
+
+
+def test_shuffled_frames_for_the_temporal_contrast(tiny_policy, synthetic_data):
+    _, processor = tiny_policy
+    _, store, records = synthetic_data
+    plain = encode_prompts(processor, records["rl"][:2], store)
+    a = encode_prompts(processor, records["rl"][:2], store, shuffle_seed=5)
+    b = encode_prompts(processor, records["rl"][:2], store, shuffle_seed=5)
+    assert torch.equal(a["input_ids"], plain["input_ids"])  # same prompt, same token count
+    assert a["pixel_values_videos"].shape == plain["pixel_values_videos"].shape
+    assert not torch.equal(a["pixel_values_videos"], plain["pixel_values_videos"])
+    assert torch.equal(a["pixel_values_videos"], b["pixel_values_videos"])  # seeded

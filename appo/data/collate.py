@@ -6,8 +6,10 @@ appended after each prompt's tokens, so the loss mask is exact without searching
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from appo.data.frames import FrameStore
@@ -25,9 +27,18 @@ def prompt_texts(processor, records: Sequence[VideoQA]) -> list[str]:
     ]
 
 
-def encode_prompts(processor, records: Sequence[VideoQA], store: FrameStore) -> dict:
-    """Left-padded prompt ids + visual inputs for a batch of questions."""
+def encode_prompts(processor, records: Sequence[VideoQA], store: FrameStore,
+                   shuffle_seed: int | None = None) -> dict:
+    """Left-padded prompt ids + visual inputs for a batch of questions.
+
+    ``shuffle_seed`` presents each video's cached frames in a seeded random order (T-GRPO's
+    temporal contrast); the processor path is otherwise identical.
+    """
     videos = [store.get(qa.video) for qa in records]
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        videos = [dataclasses.replace(v, frames=v.frames[rng.permutation(len(v.frames))])
+                  for v in videos]
     images = [_load_image(qa.image) for qa in records if qa.image is not None]
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"

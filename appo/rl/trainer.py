@@ -22,7 +22,7 @@ from appo.config import AlgorithmConfig, RLConfig
 from appo.data.collate import encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
-from appo.rl import objectives
+from appo.rl import objectives, temporal
 from appo.rl.perception import perception_weights
 from appo.rl.rewards import RewardSpec, score_responses
 from appo.rl.rollout import Rollout, generate, token_logprobs
@@ -63,14 +63,16 @@ RewardFn = Callable[[Sequence[str], Sequence[VideoQA]], dict[str, list[float]]]
 
 
 def shaped_rewards(rollout: Rollout, records: Sequence[VideoQA], reward_fn: RewardFn,
-                   algo: AlgorithmConfig, max_new_tokens: int, tau: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Total reward per response (weighted components + overlong penalty) and correctness.
+                   algo: AlgorithmConfig, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Total reward per response (weighted components + DAPO overlong penalty + T-GRPO length
+    bonus) and the accuracy reward per response.
 
     ``reward_fn(texts, records)`` returns per-response component lists including "total"
     (and "accuracy", which decides correctness for APPO's S1/S2 split; else "total" does).
     """
     scores = reward_fn(rollout.texts, records)
     total = torch.tensor(scores["total"], dtype=torch.float32)
+    accuracy = torch.tensor(scores.get("accuracy", scores["total"]), dtype=torch.float32)
     metrics = {f"reward/{k}": float(np.mean(v)) for k, v in scores.items()}
     if algo.overlong_buffer > 0:
         # Truncated responses count as longer than the budget (-> full penalty).
@@ -79,8 +81,13 @@ def shaped_rewards(rollout: Rollout, records: Sequence[VideoQA], reward_fn: Rewa
                                               algo.overlong_penalty)
         total = total + penalty
         metrics["reward/overlong"] = float(penalty.mean())
-    accuracy = torch.tensor(scores.get("accuracy", scores["total"]), dtype=torch.float32)
-    return total, accuracy >= tau, metrics
+    t = algo.temporal
+    if t.length_bonus > 0:
+        extra = temporal.length_bonus(rollout.lengths.cpu(), accuracy, t.length_min,
+                                      t.length_max, t.length_bonus)
+        total = total + extra
+        metrics["reward/length"] = float(extra.mean())
+    return total, accuracy, metrics
 
 
 def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -136,14 +143,26 @@ class RLTrainer:
         self.steps_done = 0
 
     # -- rollout phase -------------------------------------------------------------------
-    def _rollout(self, records: list[VideoQA]) -> tuple[Rollout, list[VideoQA]]:
-        batch = encode_prompts(self.processor, records, self.store)
+    def _rollout(self, records: list[VideoQA], num_samples: int,
+                 shuffle_seed: int | None = None) -> tuple[Rollout, list[VideoQA]]:
+        batch = encode_prompts(self.processor, records, self.store, shuffle_seed=shuffle_seed)
         self.model.eval()
-        rollout = generate(self.model, self.processor, batch, num_samples=self.cfg.num_generations,
+        rollout = generate(self.model, self.processor, batch, num_samples=num_samples,
                            max_new_tokens=self.cfg.max_new_tokens,
                            temperature=self.cfg.temperature, top_p=self.cfg.top_p)
-        rows = [qa for qa in records for _ in range(self.cfg.num_generations)]
+        rows = [qa for qa in records for _ in range(num_samples)]
         return rollout, rows
+
+    def _temporal_bonus(self, records: list[VideoQA], accuracy: torch.Tensor) -> torch.Tensor:
+        """T-GRPO: sample G' responses on shuffled frames; bonus if order helped (not trained)."""
+        t, g = self.algo.temporal, self.cfg.num_generations
+        g_shuffled = max(1, round(g * t.shuffled_fraction))
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the (checkpointed) torch RNG
+        shuffled, rows = self._rollout(records, g_shuffled, shuffle_seed=seed)
+        scores = self.reward_fn(shuffled.texts, rows)
+        acc_shuffled = torch.tensor(scores.get("accuracy", scores["total"]), dtype=torch.float32)
+        return temporal.temporal_bonus(accuracy, acc_shuffled, g, g_shuffled, t.bonus,
+                                       t.condition, t.ratio)
 
     def collect(self) -> Batch:
         """Rollouts until ``prompts_per_step`` groups are kept (DAPO dynamic sampling)."""
@@ -160,10 +179,16 @@ class RLTrainer:
             need = cfg.prompts_per_step - sum(r.prompt_ids.shape[0] // g for r in kept)
             if need <= 0:
                 break
-            rollout, rows = self._rollout(self.sampler.next(need))
+            prompts = self.sampler.next(need)
+            rollout, rows = self._rollout(prompts, g)
             generated_tokens += int(rollout.lengths.sum())
-            total, ok, m = shaped_rewards(rollout, rows, self.reward_fn, algo, cfg.max_new_tokens,
-                                          tau)
+            total, accuracy, m = shaped_rewards(rollout, rows, self.reward_fn, algo,
+                                                cfg.max_new_tokens)
+            if algo.temporal.enabled:
+                bonus = self._temporal_bonus(prompts, accuracy)
+                total = total + bonus
+                m["reward/temporal"] = float(bonus.mean())
+            ok = accuracy >= tau
             for k, v in m.items():
                 metrics.setdefault(k, []).append(v)
             metrics.setdefault("accuracy", []).append(float(ok.float().mean()))

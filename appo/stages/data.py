@@ -14,6 +14,7 @@ from appo.config import DataConfig, load_section
 from appo.data.formats import PathRemap, load_annotations
 from appo.data.synthetic import Knobs, generate_split
 from appo.io import atomic_write_json, atomic_write_text
+from appo.stages import stage_main
 
 SPLITS = ("sft", "rl", "val", "test")
 
@@ -47,6 +48,7 @@ def run(cfg: DataConfig, seed: int = 0) -> dict[str, int]:
     return counts
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")

@@ -38,6 +38,7 @@ from appo.data.schema import VideoQA
 from appo.eval.metrics import aggregate, markdown_table
 from appo.eval.runner import MISSING_POLICIES, HitRateFn, evaluate
 from appo.io import atomic_write_json, atomic_write_text
+from appo.stages import stage_main
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _METRIC_SAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -190,6 +191,7 @@ def run(
     return metrics
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,6 +8,7 @@ from pathlib import Path
 from appo.config import DataConfig, FramesConfig, load_section
 from appo.data.dataset import load_split, split_files
 from appo.data.frames import extract_all
+from appo.stages import stage_main
 
 
 def run(data: DataConfig, cfg: FramesConfig) -> int:
@@ -22,6 +23,7 @@ def run(data: DataConfig, cfg: FramesConfig) -> int:
     return len(manifest)
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")

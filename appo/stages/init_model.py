@@ -13,6 +13,7 @@ from appo.config import FramesConfig, ModelConfig, load_section
 from appo.io import atomic_dir, atomic_write_json
 from appo.models.loading import check_checkpoint
 from appo.models.tiny import build_tiny_checkpoint
+from appo.stages import stage_main
 
 
 def run(cfg: ModelConfig, frames: FramesConfig) -> Path:
@@ -28,6 +29,7 @@ def run(cfg: ModelConfig, frames: FramesConfig) -> Path:
     return Path(cfg.out_dir)
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")

@@ -22,6 +22,7 @@ from appo.data.frames import FrameStore
 from appo.io import atomic_write_json
 from appo.models.loading import load_policy
 from appo.rl.trainer import RLTrainer
+from appo.stages import stage_main
 from appo.tracking import open_run, truncate_metrics
 from appo.train import common
 
@@ -118,6 +119,7 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
     return summary
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--algo", required=True, help="a preset name under rl.algorithms")

@@ -103,6 +103,38 @@ def response_mask_from_ids(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torc
     return (~seen_before).float(), ~is_stop.any(1)
 
 
+CACHE_MODES = ("auto", "static", "dynamic")
+_announced: set[str] = set()
+
+
+def resolve_cache(cache: str, device: torch.device) -> str:
+    """``auto`` -> a static KV cache with compiled decoding on CUDA, the dynamic cache elsewhere.
+
+    On CUDA, HF ``generate`` compiles the decoding step once per input shape for a static
+    cache (performance-anchors: 2x faster decoding for 7B); on CPU compilation buys nothing.
+    """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"rollout cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    resolved = cache if cache != "auto" else ("static" if device.type == "cuda" else "dynamic")
+    if resolved not in _announced:
+        _announced.add(resolved)
+        print(f"rollout: {resolved} KV cache"
+              + (" with compiled decoding" if resolved == "static" and device.type == "cuda" else ""))
+    return resolved
+
+
+def pad_to_bucket(inputs: dict[str, torch.Tensor], bucket: int, pad_id: int) -> dict:
+    """Left-pad prompts to a multiple of ``bucket`` tokens so compiled shapes repeat across steps."""
+    width = inputs["input_ids"].shape[1]
+    extra = -width % bucket
+    if extra == 0:
+        return inputs
+    out = dict(inputs)
+    out["input_ids"] = torch.nn.functional.pad(inputs["input_ids"], (extra, 0), value=pad_id)
+    out["attention_mask"] = torch.nn.functional.pad(inputs["attention_mask"], (extra, 0), value=0)
+    return out
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -114,16 +146,23 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    cache: str = "dynamic",
+    bucket: int = 64,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with the KV-cached, batched ``generate``.
 
     Sampling log-probs are log_softmax(logits / temperature) of the sampled token (top-p only
     decides which tokens may be drawn), the same quantity the training forward computes, so
-    the importance ratio starts at exactly 1 for mu = 1.
+    the importance ratio starts at exactly 1 for mu = 1. ``cache``: see :func:`resolve_cache`;
+    with a static cache the prompts are left-padded to a multiple of ``bucket`` tokens.
     """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in repeat_prompts(batch, num_samples).items()}
     pad = processor.tokenizer.pad_token_id
+    cache = resolve_cache(cache, device)
+    inputs = repeat_prompts(batch, num_samples)
+    if cache == "static":
+        inputs = pad_to_bucket(inputs, bucket, pad)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     stops = stop_token_ids(processor)
     out = model.generate(
         **inputs,
@@ -135,6 +174,7 @@ def generate(
         eos_token_id=stops,
         pad_token_id=pad,
         suppress_tokens=media_token_ids(processor),
+        cache_implementation="static" if cache == "static" else None,
         return_dict_in_generate=True,
         output_logits=True,
     )

@@ -149,7 +149,8 @@ class RLTrainer:
         self.model.eval()
         rollout = generate(self.model, self.processor, batch, num_samples=num_samples,
                            max_new_tokens=self.cfg.max_new_tokens,
-                           temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+                           temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                           cache=self.cfg.rollout_cache)
         rows = [qa for qa in records for _ in range(num_samples)]
         return rollout, rows
 

@@ -268,6 +268,7 @@ class RLConfig:
     max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
+    rollout_cache: str = "auto"  # auto (static + compiled decoding on CUDA) | static | dynamic
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0

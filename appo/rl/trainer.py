@@ -299,7 +299,8 @@ class RLTrainer:
             w, info = perception_weights(
                 attn[sl].to(self.device), mask[sl].bool(), correct[sl].to(self.device), logp_fn,
                 k_avg=p.k_avg, k_f=p.k_f, K=p.K, w_max=p.w_max, select_level=p.select_level,
-                select_strategy=p.select_strategy, weights_grad=p.weights_grad)
+                select_strategy=p.select_strategy, weights_grad=p.weights_grad,
+                frame_chunk=1)  # full-vocab log-probs of one frame's G x K tokens at a time
             weights.append(w.to(hidden.dtype) if not p.weights_grad else w)
             infos.append(info)
         stats = {

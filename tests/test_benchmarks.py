@@ -1,0 +1,53 @@
+"""Smoke test of benchmarks/rl_step.py: a very small run, table shape only (never timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_step.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_rl_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rl_step_benchmark_table(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "rl_step.json"
+    result = bench.main(["--model", "tiny", "--device", "cpu", "--reps", "1", "--warmup", "0",
+                         "--prompts", "1", "--generations", "2", "--max-new-tokens", "6",
+                         "--json", str(out)])
+    printed = capsys.readouterr().out
+
+    assert result["columns"] == list(bench.COLUMNS)
+    labels = [row[0] for row in result["table"]]
+    assert labels[:3] == ["GRPO", "DAPO", "APPO"]
+    assert labels[3].startswith("authors' approach")
+    assert len(labels) == 4
+    assert all(len(row) == len(bench.COLUMNS) for row in result["table"])
+    grpo, dapo, appo, authors = result["table"]
+    for row in (grpo, dapo, appo):  # every algorithm has rollout and step numbers
+        assert all(cell != "-" for cell in row[1:6]), row
+    assert grpo[6] == grpo[7] == "-" and dapo[6] == dapo[7] == "-"
+    assert appo[6] != "-" and appo[7] != "-"  # APPO's capture and weight overheads
+    assert authors[1] != "-" and authors[4] == "-"  # rollout only, no training step
+    assert set(result["ratios"]) >= {"appo/grpo step time", "appo/dapo step time",
+                                     "appo/grpo step peak memory", "authors/ours rollout time"}
+
+    # the markdown table and the header lines are printed
+    assert "| " + " | ".join(bench.COLUMNS) + " |" in printed
+    for word in ("device:", "torch", "transformers", "params", "Dynamic sampling is disabled"):
+        assert word in printed
+    assert "TRL not installed" in printed or "TRL is installed" in printed
+
+    saved = json.loads(out.read_text())
+    assert saved["columns"] == list(bench.COLUMNS)
+    assert set(saved["summary"]) == {"grpo", "dapo", "appo", "authors"}
+    assert len(saved["samples"]["appo"]) == 1

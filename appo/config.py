@@ -31,6 +31,7 @@ class SyntheticConfig:
     object_size: int = 14  # side of the flashed square/shape
     noise: float = 6.0  # std of per-pixel Gaussian noise (0-255 scale)
     distractors: int = 1  # grey distractor shapes per frame
+    event_frames: int = 2  # a flash lasts this many frames (starts at a multiple of it)
     families: list[str] = field(
         default_factory=lambda: ["flash_color", "flash_shape", "count", "order"]
     )
@@ -324,7 +325,7 @@ class SFTConfig:
     out_dir: str = "outputs/sft"  # <out_dir>/model is the checkpoint RL starts from
     split: str = "sft"  # split of data.out_dir with the CoT (``process``) targets
     init: str | None = None  # start checkpoint; null -> model.out_dir (the init_model output)
-    epochs: float = 3.0  # passes over the split (used when max_steps is 0)
+    epochs: float = 10.0  # passes over the split (used when max_steps is 0)
     max_steps: int = 0  # > 0: optimizer steps to run, overriding epochs
     batch_size: int = 16  # questions per micro-batch (padded)
     grad_accum: int = 1  # micro-batches per optimizer step

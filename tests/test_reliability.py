@@ -25,33 +25,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _params(tmp_path: Path, synthetic_data, tiny_checkpoint, **rl) -> Path:
-    data_dir, store, _ = synthetic_data
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["out_dir"] = str(data_dir)
-    params["frames"]["out_dir"] = str(store.dir)
-    params["model"]["device"] = "cpu"
-    params["rl"].update(dict(init=str(tiny_checkpoint), out_dir=str(tmp_path / "rl"),
-                             prompts_per_step=2, num_generations=2, max_new_tokens=8,
-                             groups_per_micro_batch=1, lr=1e-3, save_every=1, **rl))
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
 def _rl_cmd(params: Path) -> list[str]:
     return [sys.executable, "-m", "appo.stages.rl", "--algo", "dapo", "--params", str(params)]
 
 
 @pytest.mark.slow
-def test_sigkilled_rl_run_resumes_to_identical_weights(tmp_path, synthetic_data, tiny_checkpoint):
+def test_sigkilled_rl_run_resumes_to_identical_weights(tmp_path, micro_params):
     from safetensors.torch import load_file
 
-    straight = _params(tmp_path / "straight", synthetic_data, tiny_checkpoint, steps=6)
+    straight = micro_params("straight", steps=6, save_every=1)
     subprocess.run(_rl_cmd(straight), check=True, env=_env(), cwd=REPO, capture_output=True)
 
-    killed = _params(tmp_path / "killed", synthetic_data, tiny_checkpoint, steps=6)
+    killed = micro_params("killed", steps=6, save_every=1)
     ckpts = tmp_path / "killed" / "rl" / "dapo" / "checkpoints"
     proc = subprocess.Popen(_rl_cmd(killed), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

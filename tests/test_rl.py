@@ -120,35 +120,17 @@ def test_learning_raises_a_trivial_reward(fresh_policy, synthetic_data):
     assert late > early + 0.15, rewards
 
 
-def _micro_params(tmp_path, synthetic_data, tiny_checkpoint, **rl):
-    import yaml
-
-    data_dir, store, _ = synthetic_data
-    params = yaml.safe_load(open("params.yaml"))
-    params["data"]["out_dir"] = str(data_dir)
-    params["frames"]["out_dir"] = str(store.dir)
-    params["model"]["device"] = "cpu"
-    params["rl"].update(dict(init=str(tiny_checkpoint), out_dir=str(tmp_path / "rl"),
-                             prompts_per_step=2, num_generations=2, max_new_tokens=8,
-                             groups_per_micro_batch=1, lr=1e-3, save_every=2, **rl))
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
-
-
-def test_rl_stage_resumes_to_the_same_weights(tmp_path, synthetic_data, tiny_checkpoint,
-                                              monkeypatch):
+def test_rl_stage_resumes_to_the_same_weights(tmp_path, micro_params, monkeypatch):
     from safetensors.torch import load_file
 
     from appo.rl.trainer import RLTrainer
     from appo.stages import rl
 
     monkeypatch.setenv("APPO_MLFLOW", "0")
-    straight = _micro_params(tmp_path / "a", synthetic_data, tiny_checkpoint, steps=4)
+    straight = str(micro_params("a", steps=4, save_every=2))
     rl.run(straight, "grpo", progress=False)
 
-    crashed = _micro_params(tmp_path / "b", synthetic_data, tiny_checkpoint, steps=4)
+    crashed = str(micro_params("b", steps=4, save_every=2))
     real_step = RLTrainer.train_step
 
     def dying_step(self):

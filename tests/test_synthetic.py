@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from appo.data.synthetic import COLORS, FAMILIES, Knobs, generate_split, make_question
+from appo.config import SyntheticConfig as Knobs
+from appo.data.synthetic import COLORS, FAMILIES, generate_split, make_question
 
 
 def _color_visible(frame: np.ndarray, rgb, tol: float = 40) -> bool:
@@ -48,7 +49,7 @@ def test_order_answer_is_the_earlier_colour():
 def test_written_video_shows_answer_in_key_frames(tmp_path):
     import decord
 
-    records = generate_split(tmp_path, "sft", 4, Knobs(), families=["flash_color"])
+    records = generate_split(tmp_path, "sft", 4, Knobs(families=["flash_color"]))
     for qa in records:
         frames = decord.VideoReader(str(tmp_path / qa.video)).get_batch(list(range(16))).asnumpy()
         color = list(COLORS.values())["ABCD".index(qa.answer)]

@@ -18,11 +18,11 @@ that a from-scratch model learns far slower than perception (../shared/docs cali
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from appo.config import SyntheticConfig
 from appo.data.schema import VideoQA
 from appo.io import atomic_write_text, atomic_write_video
 
@@ -35,19 +35,6 @@ COLORS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 FAMILIES = ("flash_color", "flash_shape", "count", "order")
 SPLIT_SEEDS = {"sft": 1, "rl": 2, "val": 3, "test": 4}
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Difficulty knobs (mirrors ``SyntheticConfig`` in params.yaml)."""
-
-    num_frames: int = 16
-    fps: float = 4.0
-    size: int = 56
-    object_size: int = 14
-    noise: float = 6.0
-    distractors: int = 1
-    event_frames: int = 2
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -69,7 +56,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 class _Painter:
     """Draws frames: grey background, grey moving distractors, per-pixel noise."""
 
-    def __init__(self, knobs: Knobs, rng: np.random.Generator) -> None:
+    def __init__(self, knobs: SyntheticConfig, rng: np.random.Generator) -> None:
         self.k = knobs
         self.rng = rng
         n, s = knobs.num_frames, knobs.size
@@ -106,7 +93,7 @@ class _Painter:
         return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
-def _event_slots(knobs: Knobs) -> int:
+def _event_slots(knobs: SyntheticConfig) -> int:
     return knobs.num_frames // knobs.event_frames
 
 
@@ -114,11 +101,11 @@ def _lettered(options: list[str]) -> tuple[str, ...]:
     return tuple(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
 
 
-def _seconds(frame: int, knobs: Knobs) -> str:
+def _seconds(frame: int, knobs: SyntheticConfig) -> str:
     return f"{frame / knobs.fps:.1f}s"
 
 
-def make_question(family: str, rng: np.random.Generator, knobs: Knobs) -> tuple[np.ndarray, dict]:
+def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig) -> tuple[np.ndarray, dict]:
     """Frames [T, H, W, 3] uint8 and the question fields for one example of ``family``."""
     painter = _Painter(knobs, rng)
     slots = rng.permutation(_event_slots(knobs))
@@ -190,15 +177,15 @@ def generate_split(
     out_dir: str | Path,
     split: str,
     count: int,
-    knobs: Knobs,
-    families: list[str] | tuple[str, ...] = FAMILIES,
+    knobs: SyntheticConfig,
     seed: int = 0,
 ) -> list[VideoQA]:
     """Write ``count`` videos of one split and its ``{split}.json`` annotation file.
 
-    Splits draw from disjoint seed streams, so no video repeats across splits. Families are
-    interleaved (question i has family i mod len(families)) so every split is balanced.
+    Splits draw from disjoint seed streams, so no video repeats across splits. The families of
+    ``knobs.families`` are interleaved (question i has family i mod len) so splits are balanced.
     """
+    families = knobs.families
     out_dir = Path(out_dir)
     video_dir = out_dir / "videos" / split
     video_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from appo.config import DataConfig, load_section
 from appo.data.formats import PathRemap, load_annotations
-from appo.data.synthetic import Knobs, generate_split
+from appo.data.synthetic import generate_split
 from appo.io import atomic_write_json, atomic_write_text
 from appo.stages import stage_main
 
@@ -23,11 +23,8 @@ def run(cfg: DataConfig, seed: int = 0) -> dict[str, int]:
     out = Path(cfg.out_dir)
     counts: dict[str, int] = {}
     if cfg.source == "synthetic":
-        s = cfg.synthetic
-        knobs = Knobs(num_frames=s.num_frames, fps=s.fps, size=s.size, object_size=s.object_size,
-                      noise=s.noise, distractors=s.distractors)
         for split in SPLITS:
-            records = generate_split(out, split, getattr(s, split), knobs, s.families, seed)
+            records = generate_split(out, split, getattr(cfg.synthetic, split), cfg.synthetic, seed)
             counts[split] = len(records)
     elif cfg.source == "files":
         remap = PathRemap(cfg.video_root, cfg.image_root, cfg.strip_prefix)

@@ -346,7 +346,7 @@ class SFTConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | no | bf16
-    train_dtype: str = "float32"  # dtype of the trained (master) weights; auto = model.dtype
+    train_dtype: str = "float32"  # trained (master) weights: float32 | bfloat16 | auto (bf16 on CUDA)
     save_every: int = 100  # optimizer steps between resumable checkpoints (0 = never)
     keep_checkpoints: int = 2  # newest checkpoints kept under <out_dir>/checkpoints
     resume: bool = True  # continue from the newest checkpoint of an identical config

@@ -9,7 +9,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from appo.config import FramesConfig, TinyModelConfig  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and two-thread processes slow down ~10x when
+# anything else runs on a 2-core machine.
+torch.set_num_threads(1)
 
 TINY = TinyModelConfig()
 FRAMES = FramesConfig(num_frames=8, max_pixels=56 * 56, workers=1)

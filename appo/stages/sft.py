@@ -11,6 +11,7 @@ import argparse
 import os
 
 from appo.config import DataConfig, FramesConfig, ModelConfig, SFTConfig, load_section, load_yaml
+from appo.stages import stage_main
 
 
 def run(data: DataConfig, frames: FramesConfig, model: ModelConfig, cfg: SFTConfig,
@@ -35,6 +36,7 @@ def run(data: DataConfig, frames: FramesConfig, model: ModelConfig, cfg: SFTConf
     return m
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

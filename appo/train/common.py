@@ -21,6 +21,7 @@ import math
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,9 @@ def apply_lora(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout: fl
     pattern = rf".*\.({names})" if include_vision else rf"^(?!.*\bvisual\b).*\.({names})"
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
                         bias="none")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated checkpointing alias
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -198,7 +201,11 @@ def export_model(model: torch.nn.Module, processor, out_dir: str | Path,
 
     if is_lora(model):
         model = model.merge_and_unload()
-    if getattr(model, "is_gradient_checkpointing", False):
+    if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5.2x
+        checkpointing = model.is_activation_checkpointing
+    else:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         model.gradient_checkpointing_disable()
     if dtype is not None:
         model = model.to(dtype)

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,8 @@ from appo.data.collate import append_targets, encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.prompts import target_text
 from appo.data.schema import VideoQA
-from appo.io import atomic_write_json, atomic_write_text
+from appo.io import atomic_write_json
+from appo.tracking import open_run, truncate_metrics
 from appo.train import common
 
 # Knobs that may change between a run and its resumption (they do not change the result).
@@ -124,28 +126,6 @@ def _checkpoint_dtype(path: str | Path) -> torch.dtype | None:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric rows a crashed run logged after its last checkpoint (they are redone)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _open_logger(out_dir: Path, run_id: str | None):
-    from appo.tracking import RunLogger
-
-    tags = {"stage": "sft"}
-    if run_id is not None:
-        try:
-            return RunLogger(out_dir, "sft", run_id=run_id, tags=tags)
-        except Exception as exc:  # the MLflow store was reset: log into a new run
-            print(f"sft: cannot reopen MLflow run {run_id} ({exc}); starting a new run")
-    return RunLogger(out_dir, "sft", tags=tags)
-
-
 def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: str | Path, *,
           seed: int = 0, attn_implementation: str = "sdpa", device: str = "auto",
           progress: bool = True) -> SFTResult:
@@ -202,15 +182,10 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
     resumed_step = state["step"]
     skips = common.SkipCounter(cfg.max_bad_steps)
     skips.load_state_dict(state["skips"])
-    _truncate_metrics(out_dir / "metrics.jsonl", resumed_step)
+    truncate_metrics(out_dir / "metrics.jsonl", resumed_step)
 
-    logger = _open_logger(out_dir, state["run_id"])
+    logger = open_run(out_dir, "sft", run_id=state["run_id"], tags={"stage": "sft"})
     state["run_id"] = logger.run_id
-    if resume_from is None:
-        logger.log_params({"sft": dataclasses.asdict(cfg), "start": str(start), "seed": seed,
-                           "num_records": len(records), "total_steps": steps,
-                           "trainable_params": n_trainable, "total_params": n_total})
-
     per_epoch = math.ceil(len(records) / cfg.batch_size)
     orders: dict[int, list[np.ndarray]] = {}
 
@@ -231,6 +206,10 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
     bar = tqdm(total=steps, initial=resumed_step, desc="sft", unit="step", disable=not progress)
     status = "FAILED"
     try:
+        if resume_from is None:
+            logger.log_params({"sft": dataclasses.asdict(cfg), "start": str(start), "seed": seed,
+                               "num_records": len(records), "total_steps": steps,
+                               "trainable_params": n_trainable, "total_params": n_total})
         for step in range(resumed_step + 1, steps + 1):
             t0 = time.perf_counter()
             batches = [micro_batch(state["micro"] + i) for i in range(cfg.grad_accum)]
@@ -253,7 +232,9 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
             if ok:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()  # skipped steps advance the schedule too (it is indexed by step)
+            with warnings.catch_warnings():  # torch warns when a skipped step precedes any step
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()  # skipped steps advance the schedule too (it is indexed by step)
             dt = time.perf_counter() - t0
             state["elapsed_s"] += dt
             state["target_tokens"] += n_targets

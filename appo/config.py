@@ -278,6 +278,9 @@ class RLConfig:
         default_factory=lambda: {"accuracy": 0.9, "format": 0.1})
     freeze_vision: bool = True
     gradient_checkpointing: bool = False
+    lora: bool = False  # LoRA on the language model; the reference policy = adapters disabled
+    lora_r: int = 16
+    lora_alpha: int = 32
     save_every: int = 10
     max_bad_steps: int = 5
     seed: int = 0

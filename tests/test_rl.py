@@ -95,6 +95,7 @@ def test_end_to_end_steps_change_weights(fresh_policy, synthetic_data, algo):
     if algo.perception.enabled:
         assert metrics["appo/weight_max"] <= 1.7 + 1e-6 and metrics["appo/weight_mean"] >= 1.0
         assert metrics["appo/num_crucial_frames"] >= 1
+        assert 0.0 <= metrics["appo/perception_hit_rate"] <= 1.0
     if algo.dynamic_sampling:
         assert metrics["groups_sampled"] >= metrics["groups_kept"]
     if algo.temporal.enabled:
@@ -202,3 +203,20 @@ def test_shuffled_frames_for_the_temporal_contrast(tiny_policy, synthetic_data):
     assert a["pixel_values_videos"].shape == plain["pixel_values_videos"].shape
     assert not torch.equal(a["pixel_values_videos"], plain["pixel_values_videos"])
     assert torch.equal(a["pixel_values_videos"], b["pixel_values_videos"])  # seeded
+
+
+def test_lora_policy_uses_its_base_as_the_kl_reference(fresh_policy, synthetic_data):
+    from appo.train.common import prepare_for_training
+
+    model, processor = fresh_policy
+    _, store, records = synthetic_data
+    model = prepare_for_training(model, lora=dict(r=4, alpha=8))
+    cfg = RLConfig(prompts_per_step=2, num_generations=2, max_new_tokens=8, lr=1e-2,
+                   groups_per_micro_batch=1)
+    trainer = RLTrainer(model, processor, cfg, GRPO, records["rl"], store,
+                        reward_fn=_digit_reward)  # beta 0.04, no reference copy
+    first = trainer.train_step()
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # adapters start at zero: policy == base
+    for _ in range(2):
+        last = trainer.train_step()
+    assert last["kl"] > 0  # the adapters moved away from the base

@@ -26,7 +26,7 @@ from appo.rl import objectives, temporal
 from appo.rl.perception import perception_weights
 from appo.rl.rewards import RewardSpec, score_responses
 from appo.rl.rollout import Rollout, generate, token_logprobs
-from appo.train.common import SkipCounter, clip_gradients
+from appo.train.common import SkipCounter, clip_gradients, is_lora
 
 
 @dataclass
@@ -127,8 +127,9 @@ class RLTrainer:
                  optimizer=None, scheduler=None, reward_fn: RewardFn | None = None) -> None:
         if cfg.num_generations < 2:
             raise ValueError("rl.num_generations must be >= 2 (group statistics need a group)")
-        if algo.beta > 0 and ref_model is None:
-            raise ValueError("beta > 0 needs a reference model")
+        if algo.beta > 0 and ref_model is None and not is_lora(model):
+            raise ValueError("beta > 0 needs a reference model (or a LoRA policy, whose base "
+                             "with adapters disabled is the reference)")
         self.model, self.processor, self.cfg, self.algo = model, processor, cfg, algo
         self.ref_model, self.store = ref_model, store
         self.sampler = PromptSampler(records, cfg.seed)
@@ -261,13 +262,13 @@ class RLTrainer:
             if perception:
                 attn, _ = recorder.result()
                 weights_cache[int(rows[0])], pstats = self._perception_weights(
-                    attn, mask, batch.correct[rows], hidden, logp)
+                    attn, mask, batch.correct[rows], hidden, logp,
+                    [batch.records[i] for i in rows[:: self.cfg.num_generations].tolist()])
                 stats.update(pstats)
             weights = weights_cache[int(rows[0])]
         ref = None
         if algo.beta > 0:
-            with torch.no_grad():
-                ref, _ = token_logprobs(self.ref_model, inputs, response, cfg.temperature)
+            ref = self._reference_logprobs(inputs, response)
         loss, lstats = objectives.policy_loss(
             logp, old, batch.advantages[rows].to(self.device), mask,
             clip_low=algo.clip_low, clip_high=algo.clip_high, agg_mode=algo.agg_mode,
@@ -278,7 +279,16 @@ class RLTrainer:
             stats["entropy_proxy"] = float(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1))
         return loss, stats
 
-    def _perception_weights(self, attn, mask, correct, hidden, logp) -> tuple[torch.Tensor, dict]:
+    @torch.no_grad()
+    def _reference_logprobs(self, inputs: dict, response: torch.Tensor) -> torch.Tensor:
+        """log p_ref of the response tokens: the frozen copy, or the LoRA base (no second model)."""
+        if self.ref_model is not None:
+            return token_logprobs(self.ref_model, inputs, response, self.cfg.temperature)[0]
+        with self.model.disable_adapter():
+            return token_logprobs(self.model, inputs, response, self.cfg.temperature)[0]
+
+    def _perception_weights(self, attn, mask, correct, hidden, logp,
+                            group_records: list[VideoQA]) -> tuple[torch.Tensor, dict]:
         """APPO token weights for each group of the micro-batch (one call per group)."""
         p, g = self.algo.perception, self.cfg.num_generations
         lm_head = self.model.get_output_embeddings()
@@ -308,7 +318,23 @@ class RLTrainer:
             for k in ("num_crucial_frames", "perception_token_frac", "weight_mean", "weight_max")
         }
         self.last_crucial_frames = [i["crucial_frames"].tolist() for i in infos]
+        hits = [self._key_frame_share(qa, frames)
+                for qa, frames in zip(group_records, self.last_crucial_frames)]
+        hits = [h for h in hits if h is not None]
+        if hits:
+            stats["appo/perception_hit_rate"] = float(np.mean(hits))
         return torch.cat(weights), stats
+
+    def _key_frame_share(self, qa: VideoQA, crucial: list[int]) -> float | None:
+        """Share of crucial temporal patches that cover an annotated key frame.
+
+        Diagnostics only (logged, never fed back): ``key_frames`` exist on synthetic data.
+        """
+        if not qa.key_frames or not crucial:
+            return None
+        indices = self.store.get(qa.video).indices
+        keys = set(qa.key_frames)
+        return float(np.mean([bool(keys & set(indices[2 * t: 2 * t + 2])) for t in crucial]))
 
     def train_step(self) -> dict[str, float]:
         """One RL step: collect, then mu passes of accumulated micro-batch updates."""

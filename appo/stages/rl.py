@@ -53,10 +53,12 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
     model, processor = load_policy(cfg.init, model_cfg.dtype, model_cfg.attn_implementation,
                                    model_cfg.device)
     ref_model = None
-    if algo.beta > 0:  # frozen copy of the start policy, no grads (bf16 on GPU via load dtype)
+    if algo.beta > 0 and not cfg.lora:  # frozen copy of the start policy (bf16 on GPU), no grads
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora else None
     model = common.prepare_for_training(model, freeze_vision=cfg.freeze_vision,
-                                        gradient_checkpointing=cfg.gradient_checkpointing)
+                                        gradient_checkpointing=cfg.gradient_checkpointing,
+                                        lora=lora)
     optimizer = common.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = common.build_scheduler(optimizer, cfg.warmup_steps, total_steps, min_lr_ratio=1.0)
     records = load_split(split_path(data.out_dir, "rl"))

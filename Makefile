@@ -5,8 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Local only: no usage analytics, no update checks.
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean ui mlflow-ui
 
 setup: $(STAMP)
 
@@ -16,14 +21,29 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[pipeline,lora,dev]'
 	touch $(STAMP)
 
+# The whole DAG via `dvc repro` (only what changed reruns) under one MLflow parent run, then
+# the comparison of the algorithm variants.
 run: setup
 	$(PY) -m appo run
+	$(PY) -m appo compare --from-files
 
 test: setup
 	$(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check appo flows tests benchmarks
+
+# Prefect UI on 127.0.0.1 plus the pipeline deployment (trigger runs with parameters there).
+ui: setup
+	@$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	trap 'kill $$server' EXIT INT TERM; \
+	echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployment appo-pipeline/appo-pipeline)"; \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.serve --wait 120
+
+# MLflow UI on 127.0.0.1 over the local sqlite store the stages log to.
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 clean:
 	rm -rf data models outputs mlruns mlflow.db

@@ -1,11 +1,36 @@
-"""MLflow defaults: tracking URI from MLFLOW_TRACKING_URI, else a local sqlite file."""
+"""MLflow defaults: tracking URI from MLFLOW_TRACKING_URI, else a local sqlite file.
+
+Also the pipeline-wide run context. A pipeline execution (``python -m appo run``, the Prefect
+flow) is one *parent* run; it exports its id as ``APPO_PARENT_RUN_ID`` and every stage process
+started under it (``dvc repro`` passes the environment on) logs a *child* run nested under it.
+Every run is tagged with :func:`context_tags`: git commit, DVC stage, algorithm, seed and the
+data fingerprint.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 EXPERIMENT = "appo"
+PARENT_ENV = "APPO_PARENT_RUN_ID"  # set by the parent run, read by the stages' RunLoggers
+PARENT_TAG = "mlflow.parentRunId"  # what MLflow itself writes for a nested run
+
+
+def enabled() -> bool:
+    """MLflow logging is on: the package imports and ``APPO_MLFLOW`` is not "0"."""
+    if os.environ.get("APPO_MLFLOW", "1") == "0":
+        return False
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def configure(experiment: str | None = None) -> str:
@@ -16,3 +41,120 @@ def configure(experiment: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment or os.environ.get("APPO_EXPERIMENT", EXPERIMENT))
     return uri
+
+
+def git_commit() -> str:
+    """HEAD of the git repository in the working directory ("unknown" outside one)."""
+    return _git_commit(os.getcwd())
+
+
+@functools.cache
+def _git_commit(cwd: str) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=cwd, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def data_fingerprint(data_dir: str | Path | None = None) -> str | None:
+    """sha256 (first 16 hex) over the names and bytes of ``<data_dir>/*.json``; None if none.
+
+    ``data_dir`` defaults to ``data.out_dir`` of ./params.yaml (else ``data/dataset``).
+    """
+    root = Path(data_dir) if data_dir is not None else Path(_params().get("data_dir",
+                                                                          "data/dataset"))
+    files = sorted(root.glob("*.json")) if root.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _params() -> dict[str, object]:
+    """The two values the tags need from ./params.yaml (``APPO_PARAMS`` names another file)."""
+    path = Path(os.environ.get("APPO_PARAMS", "params.yaml"))
+    try:
+        import yaml
+
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, ValueError, ImportError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, object] = {}
+    if "seed" in raw:
+        out["seed"] = raw["seed"]
+    data = raw.get("data")
+    if isinstance(data, dict) and data.get("out_dir"):
+        out["data_dir"] = data["out_dir"]
+    return out
+
+
+def context_tags(tags: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags of a new run: git commit, DVC stage, algorithm, seed, data fingerprint, + ``tags``.
+
+    The DVC stage comes from ``DVC_STAGE`` (set by ``dvc repro``); for a foreach stage such as
+    ``rl@appo`` or ``eval@sft`` the item is the run's ``algorithm`` (the variant compared).
+    Explicit ``tags`` win. Outside a pipeline the parent link (``APPO_PARENT_RUN_ID``) is absent.
+    """
+    out = {"git_commit": git_commit()}
+    stage = os.environ.get("DVC_STAGE")
+    if stage:
+        out["dvc_stage"] = stage
+        if "@" in stage:
+            out["algorithm"] = stage.split("@", 1)[1]
+    params = _params()
+    if "seed" in params:
+        out["seed"] = str(params["seed"])
+    fingerprint = data_fingerprint(params.get("data_dir", "data/dataset"))
+    if fingerprint:
+        out["data_fingerprint"] = fingerprint
+    out.update({k: str(v) for k, v in (tags or {}).items()})
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        out[PARENT_TAG] = parent
+    return out
+
+
+@contextlib.contextmanager
+def parent_run(run_name: str = "pipeline", tags: dict[str, str] | None = None,
+               params: dict[str, object] | None = None,
+               artifacts: list[str | Path] = ()) -> Iterator[str | None]:
+    """One MLflow parent run around a pipeline execution; yields its id (None when off).
+
+    While it is open ``APPO_PARENT_RUN_ID`` holds its id, so stage processes started from here
+    nest their runs under it. On success the ``artifacts`` that exist (e.g. the report) are
+    logged to it; it ends FAILED if the body raises.
+    """
+    if not enabled():
+        yield None
+        return
+    import mlflow
+
+    configure()
+    previous = os.environ.get(PARENT_ENV)  # a pipeline started inside another one nests in it
+    run = mlflow.start_run(run_name=run_name,
+                           tags=context_tags({"dvc_stage": "pipeline", **(tags or {})}))
+    if params:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    os.environ[PARENT_ENV] = run.info.run_id
+    status = "FAILED"
+    try:
+        yield run.info.run_id
+        for path in artifacts:
+            if Path(path).is_file():
+                mlflow.log_artifact(str(path))
+        status = "FINISHED"
+    finally:
+        fingerprint = data_fingerprint()  # the data stage may have just written the data
+        if fingerprint:
+            mlflow.set_tag("data_fingerprint", fingerprint)
+        mlflow.end_run(status=status)
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,10 @@ class RunLogger:
     """Per-step metrics to ``<out>/metrics.jsonl`` (appended, flushed) and, if enabled, MLflow.
 
     ``mlflow`` is None (auto: on when the package imports and ``APPO_MLFLOW`` is not "0"),
-    True or False. ``run_id`` resumes an existing MLflow run after a restart.
+    True or False. ``run_id`` resumes an existing MLflow run after a restart. A new run gets
+    :func:`appo.mlflow_setup.context_tags` (git commit, DVC stage, algorithm, seed, data
+    fingerprint; ``tags`` win) and, when ``APPO_PARENT_RUN_ID`` is set (a pipeline run is
+    open), is nested under that parent run.
     """
 
     def __init__(self, out_dir: str | Path, run_name: str, *, mlflow: bool | None = None,
@@ -42,13 +44,19 @@ class RunLogger:
         self._mlflow = None
         self.run_id: str | None = None
         if mlflow is None:
-            mlflow = os.environ.get("APPO_MLFLOW", "1") != "0" and _mlflow_available()
+            from appo.mlflow_setup import enabled
+
+            mlflow = enabled()
         if mlflow:
             import mlflow as mlf
 
-            from appo.mlflow_setup import configure
+            from appo.mlflow_setup import PARENT_TAG, configure, context_tags
 
             configure()
+            if run_id is None:
+                tags = context_tags(tags)
+                if nested and mlf.active_run() is not None:
+                    tags.pop(PARENT_TAG, None)  # in-process nesting: MLflow links the parent
             run = mlf.start_run(run_id=run_id, run_name=None if run_id else run_name,
                                 nested=nested, tags=tags)
             self._mlflow, self.run_id = mlf, run.info.run_id
@@ -84,14 +92,6 @@ class RunLogger:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("FAILED" if exc_type else "FINISHED")
-
-
-def _mlflow_available() -> bool:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:

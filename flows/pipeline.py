@@ -1,0 +1,194 @@
+"""Prefect flow: the DVC pipeline as Prefect tasks, one task per DVC stage, in DAG order.
+
+Each task runs ``dvc repro --single-item <stage>`` in the project, so Prefect and DVC share one
+cache and one notion of "up to date": the stage code lives only in ``dvc.yaml``, a task whose
+stage did not change finishes in seconds, and ``dvc status`` / ``dvc.lock`` describe what the
+flow did. Tasks run one after another (DVC holds a repository lock; the CPU has 2 cores).
+The whole run is one MLflow parent run; every stage's run nests under it.
+
+Parameters: ``algorithms`` (a subset of the DAG's ``rl@`` items; default all), ``params_file``
+and ``overrides`` (``dotted.key=value``, applied to a validated temporary copy that stands in
+for params.yaml during the run, see :func:`appo.cli.params_installed`), ``force``,
+``keep_params``. A transient failure (killed process, lock or database contention) is retried.
+
+    python -m flows.pipeline                                  # local, no server needed
+    python -m flows.pipeline --algorithms grpo appo --set rl.steps=10
+    python -m flows.serve                                     # deployment for the UI (make ui)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from collections import deque
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from appo.cli import dvc_command, params_installed, stage_env, working_dir
+
+TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
+             "Connection reset", "Cannot allocate memory", "Killed")
+VARIANTS_WITHOUT_RL = ("base", "sft")  # eval@ items that are not RL algorithms
+
+
+class StageFailed(RuntimeError):
+    """``dvc repro`` of one stage failed; ``transient`` failures are worth a retry."""
+
+    def __init__(self, stage: str, returncode: int, output: str) -> None:
+        self.stage, self.returncode, self.output = stage, returncode, output
+        match = re.search(r"exited with (-?\d+)", output)
+        code = int(match.group(1)) if match else returncode
+        self.transient = code < 0 or code in (137, 143) or any(s in output for s in TRANSIENT)
+        tail = "\n".join(output.splitlines()[-15:])
+        super().__init__(f"stage {stage} failed (exit {returncode}"
+                         f"{', transient' if self.transient else ''}):\n{tail}")
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.transient
+    except Exception:
+        return True
+    return False
+
+
+@task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=15,
+      retry_condition_fn=_retry_transient)
+def run_stage(stage: str, force: bool = False) -> str:
+    """``dvc repro --single-item STAGE``, its output streamed into the task log.
+
+    Returns "ran", "restored" (DVC run-cache hit) or "up to date".
+    """
+    logger = get_run_logger()
+    cmd = dvc_command("repro", "--single-item", *(["--force"] if force else []), stage)
+    logger.info("$ %s", " ".join(["dvc", *cmd[3:]]))
+    tail: deque[str] = deque(maxlen=200)
+    status = "up to date"
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=stage_env(), bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            logger.info(line)
+            tail.append(line)
+            if line.startswith("Running stage"):
+                status = "ran"
+            elif "is cached - skipping run" in line:
+                status = "restored"
+    if proc.returncode:
+        raise StageFailed(stage, proc.returncode, "\n".join(tail))
+    return status
+
+
+def plan(algorithms: list[str] | None = None, project: str | Path = ".") -> list[str]:
+    """The DAG's stages in dependency order (dvc.yaml order among independent ones).
+
+    ``algorithms`` (None or empty: all) keeps only those ``rl@``/``eval@`` items
+    (``eval@base``/``eval@sft`` always stay). A kept stage downstream of a dropped one (the
+    report) runs on the dropped stages' existing outputs, and is itself dropped (with a
+    warning) when those do not exist.
+    """
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with working_dir(project), Repo(".") as repo:  # stage names are relative to the cwd
+        stages = list(repo.index.stages)
+        graph = repo.index.graph  # edges: stage -> the stages it depends on
+        position = {s: i for i, s in enumerate(stages)}
+        order = list(nx.lexicographical_topological_sort(graph.reverse(copy=True),
+                                                         key=lambda s: position[s]))
+        names = [s.addressing for s in order]
+        dag_algos = [n.split("@", 1)[1] for n in names if n.startswith("rl@")]
+        chosen = list(algorithms) if algorithms else dag_algos
+        unknown = sorted(set(chosen) - set(dag_algos))
+        if unknown:
+            raise ValueError(f"algorithms {unknown} are not in dvc.yaml (rl@ stages: "
+                             f"{', '.join(dag_algos)})")
+        dropped = {s for s in order if "@" in s.addressing
+                   and s.addressing.split("@", 1)[0] in ("rl", "eval")
+                   and s.addressing.split("@", 1)[1] not in (*chosen, *VARIANTS_WITHOUT_RL)}
+        keep = []
+        for stage in order:
+            if stage in dropped:
+                continue
+            missing = [str(out) for up in nx.descendants(graph, stage) if up in dropped
+                       for out in up.outs if not Path(out.fs_path).exists()]
+            if missing:
+                print(f"warning: skipping {stage.addressing}: it needs outputs of stages not "
+                      f"selected, which do not exist: {', '.join(missing)}")
+                continue
+            keep.append(stage.addressing)
+    return keep
+
+
+@flow(name="appo-pipeline", log_prints=True)
+def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yaml",
+             overrides: list[str] | None = None, force: bool = False,
+             keep_params: bool = False, project_dir: str = ".") -> dict[str, str]:
+    """data -> frames -> init_model -> sft -> rl@* -> eval@* -> report, then the comparison.
+
+    Args:
+        algorithms: RL algorithms to run (rl@/eval@ items of dvc.yaml); empty = all.
+        params_file: params file to run with, relative to the project.
+        overrides: params overrides, each "dotted.key=value", e.g. "rl.steps=10".
+        force: rerun every selected stage even if DVC finds it up to date.
+        keep_params: keep the effective params.yaml afterwards (default: restore the original).
+        project_dir: the project (the folder holding dvc.yaml).
+    """
+    from appo.cli import compare
+    from appo.mlflow_setup import parent_run
+
+    logger = get_run_logger()
+    project = Path(project_dir).resolve()
+    overrides = list(overrides or [])
+    results: dict[str, str] = {}
+    with working_dir(project), params_installed(project, params_file, overrides, keep_params):
+        stages = plan(algorithms, project)
+        logger.info("stages: %s", ", ".join(stages))
+        try:
+            from prefect.runtime import flow_run
+
+            flow_run_id = str(flow_run.id)
+        except Exception:  # outside a flow run context
+            flow_run_id = "-"
+        with parent_run("pipeline", tags={"runner": "prefect", "prefect_flow_run": flow_run_id},
+                        params={"algorithms": ",".join(algorithms or ["all"]),
+                                "params_file": params_file,
+                                "overrides": " ".join(overrides) or "-", "force": force},
+                        artifacts=["outputs/report/report.md", "outputs/report/summary.json"]
+                        ) as parent_id:
+            if parent_id:
+                logger.info("MLflow parent run %s", parent_id)
+            for stage in stages:
+                results[stage] = run_stage(stage, force)
+        print("\n" + compare(from_files=True))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithms", nargs="+", default=None,
+                        help="RL algorithms to run (default: every rl@ stage of dvc.yaml)")
+    parser.add_argument("--params", default="params.yaml", help="params file to run with")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="params override (repeatable)")
+    parser.add_argument("--force", action="store_true", help="rerun even unchanged stages")
+    parser.add_argument("--keep-params", action="store_true",
+                        help="keep the effective params.yaml afterwards")
+    parser.add_argument("--project", default=".", help="project directory (dvc.yaml)")
+    args = parser.parse_args(argv)
+    results = pipeline(algorithms=args.algorithms, params_file=args.params,
+                       overrides=args.overrides, force=args.force,
+                       keep_params=args.keep_params, project_dir=args.project)
+    print("\n".join(f"{stage}: {status}" for stage, status in results.items()))
+
+
+if __name__ == "__main__":
+    main()

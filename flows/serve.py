@@ -1,0 +1,54 @@
+"""Serve the pipeline flow as a Prefect deployment, so runs can be started from the UI.
+
+``make ui`` starts a Prefect server on 127.0.0.1 and then this (with ``PREFECT_API_URL``
+pointing at it). In the UI: Deployments -> appo-pipeline/appo-pipeline -> Run -> Custom run, and
+set ``algorithms``, ``params_file``, ``overrides`` (e.g. ``["rl.steps=10"]``), ``force``. One
+run at a time (``limit=1``): the runs share one workspace and DVC holds a repository lock.
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve [--wait 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import urllib.request
+
+from flows.pipeline import pipeline
+
+
+def wait_for_api(url: str, timeout: float) -> None:
+    """Poll ``<api>/health`` until the Prefect server answers (it takes a few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no Prefect server answered at {url} within {timeout:.0f}s")
+        time.sleep(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="appo-pipeline", help="deployment name")
+    parser.add_argument("--wait", type=float, default=0,
+                        help="seconds to wait for the Prefect API to come up first")
+    args = parser.parse_args(argv)
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise SystemExit("set PREFECT_API_URL to a running Prefect server (make ui does)")
+    if args.wait:
+        wait_for_api(api, args.wait)
+    pipeline.serve(name=args.name, limit=1, tags=["appo"],
+                   description="data -> frames -> init_model -> sft -> rl -> eval -> report "
+                               "(dvc repro per stage, one MLflow parent run)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""The orchestration layer: DVC DAG, Prefect flow, MLflow parent/child runs, report, compare.
+
+The end-to-end tests share one micro pipeline (module fixture ``micro``): a temporary copy of
+the project (appo/, flows/, dvc.yaml, pyproject.toml, a micro params.yaml) as a fresh git + DVC
+repository with a temporary sqlite MLflow store, reproduced once from scratch by the Prefect
+flow under ``prefect_test_harness`` (one task per DVC stage, each ``dvc repro --single-item``).
+
+(b) Prefect: every stage task ran, in DAG order; the plan for an algorithm subset;
+(a) DVC: a second ``dvc repro`` runs nothing and ``dvc status`` is clean; changing
+    ``rl.algorithms.appo.perception.w_max`` makes only rl@appo stale, and ``python -m appo run``
+    (``dvc repro`` under an MLflow parent run: what ``make run`` does) reruns only rl@appo,
+    report and (when the model changed) eval@appo;
+(c) MLflow: the flow's parent run has one child per logging stage with tags, params, metrics
+    and artifacts; ``python -m appo compare`` (MLflow and --from-files) prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from appo.cli import apply_overrides, params_installed
+from appo.config import ConfigError, RLConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = [
+    "data.synthetic.sft=8", "data.synthetic.rl=8", "data.synthetic.val=4",
+    "data.synthetic.test=8", "frames.workers=1",
+    "sft.max_steps=2", "sft.batch_size=4", "sft.warmup_steps=0", "sft.save_every=0",
+    "rl.steps=1", "rl.prompts_per_step=2", "rl.num_generations=2",
+    "rl.groups_per_micro_batch=2", "rl.max_new_tokens=8",
+    "eval.max_new_tokens=8", "eval.batch_size=8",
+]
+ALL_STAGES = {"data", "frames", "init_model", "sft", "rl@grpo", "rl@dapo", "rl@appo",
+              "eval@base", "eval@sft", "eval@grpo", "eval@dapo", "eval@appo", "report"}
+LOGGING_STAGES = ALL_STAGES - {"data", "frames", "init_model"}  # those with an MLflow run
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# fast checks
+
+
+def test_rl_stage_lists_each_shared_rl_key_and_only_its_own_preset():
+    stages = _dvc_yaml()["stages"]
+    rl_params = set(stages["rl"]["do"]["params"])
+    shared = {f"rl.{f.name}" for f in fields(RLConfig) if f.name != "algorithms"}
+    assert shared <= rl_params, f"missing shared rl keys: {sorted(shared - rl_params)}"
+    assert "rl.algorithms.${item}" in rl_params
+    assert "rl" not in rl_params and "rl.algorithms" not in rl_params
+    for name, stage in stages.items():  # nobody else reads rl.* or the whole section
+        body = stage.get("do", stage)
+        if name != "rl":
+            assert not [p for p in body.get("params", []) if str(p).startswith("rl")], name
+    metrics = [m for s in stages.values() for m in s.get("do", s).get("metrics", [])]
+    assert metrics and all(next(iter(m.values())) == {"cache": False} for m in metrics)
+
+
+def test_params_installed_applies_overrides_and_restores(tmp_path):
+    original = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(original)
+    with params_installed(tmp_path, "params.yaml", ["rl.steps=3", "eval.splits=[val]"]) as p:
+        live = yaml.safe_load(p.read_text())
+        assert live["rl"]["steps"] == 3 and live["eval"]["splits"] == ["val"]
+    assert (tmp_path / "params.yaml").read_text() == original
+    with pytest.raises(ConfigError, match="rl.stepz"), \
+            params_installed(tmp_path, "params.yaml", ["rl.stepz=3"]):
+        pass
+    assert (tmp_path / "params.yaml").read_text() == original
+    with pytest.raises(ValueError, match="dotted.key=value"):
+        apply_overrides({}, ["rl.steps"])
+
+
+def test_report_marks_differences_inside_and_outside_the_ci(tmp_path, monkeypatch):
+    from appo.stages.report import load_results, run
+
+    monkeypatch.setenv("APPO_MLFLOW", "0")
+
+    def write_eval(name: str, n_correct: int, n: int = 60) -> None:
+        rows = [{"benchmark": "test", "problem_id": str(i), "family": "f", "correct": i < n_correct,
+                 "perception_hit": i % 2 == 0} for i in range(n)]
+        out = tmp_path / "outputs" / "eval" / name
+        out.mkdir(parents=True)
+        (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        acc = n_correct / n
+        stats = {"n": n, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1], "reward": acc,
+                 "perception_hit_rate": 0.5}
+        (out / "metrics.json").write_text(json.dumps({
+            "overall": stats, "benchmarks": {"test": stats}, "by_family": {"f": stats}}))
+
+    write_eval("sft", 20)
+    write_eval("grpo", 22)
+    write_eval("appo", 50)
+    for algo in ("grpo", "appo"):
+        out = tmp_path / "outputs" / "rl" / algo
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"final_reward": 0.5, "steps": 3,
+                                                      "train_time_s": 1.0}))
+        (out / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "reward": 0.1 * s, "accuracy": 0.2}) + "\n" for s in range(3)))
+    summary = run(tmp_path / "outputs", tmp_path / "report")
+    diffs = summary["differences"]
+    assert diffs["grpo-sft/test"]["inside_ci"] is True
+    assert diffs["appo-sft/test"]["inside_ci"] is False
+    assert diffs["appo-grpo/test"]["inside_ci"] is False
+    assert summary["appo"]["acc/test"] == pytest.approx(50 / 60)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "outside CI" in report and "appo vs sft on test" in report
+    for png in ("reward_curves", "accuracy_curves", "final_accuracy", "perception_hit_rate"):
+        assert (tmp_path / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    curves = (tmp_path / "report" / "reward_curves.csv").read_text().splitlines()
+    assert curves[0] == "step,grpo,appo" and len(curves) == 4
+    assert load_results(tmp_path / "outputs").variants == ["sft", "grpo", "appo"]
+
+
+# --------------------------------------------------------------------------------------------
+# the micro pipeline
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "PYTHONPATH": "",  # the copy's appo/ (cwd) must win over the checkout's
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "APPO_MLFLOW": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",  # tiny tensors: one thread per process is faster on 2 cores
+        "TQDM_DISABLE": "1",
+        "DVC_NO_ANALYTICS": "1",
+    })
+    env.pop("APPO_PARENT_RUN_ID", None)
+    env.pop("DVC_STAGE", None)
+    return env
+
+
+def _run(args: list[str], repo: Path, env: dict[str, str], stdout_only: bool = False) -> str:
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-5000:]}"
+    return proc.stdout if stdout_only else out
+
+
+def _dvc(repo: Path, env: dict[str, str], *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], repo, env, stdout_only="--json" in args)
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """The micro project, reproduced once from scratch by the Prefect flow (one task per DVC
+    stage, each ``dvc repro --single-item``) under prefect_test_harness."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("dag")
+    repo = tmp / "repo"
+    repo.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("appo", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=ignore)
+    for name in ("dvc.yaml", "pyproject.toml"):
+        shutil.copy2(ROOT / name, repo / name)
+    params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(tmp)
+    _run(["git", "init", "-q"], repo, env)
+    _dvc(repo, env, "init", "-q")
+    _dvc(repo, env, "config", "core.analytics", "false")
+    _dvc(repo, env, "config", "core.check_update", "false")
+    params_text = (repo / "params.yaml").read_text()
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("MLFLOW_TRACKING_URI", "APPO_MLFLOW", "OMP_NUM_THREADS", "TQDM_DISABLE",
+                    "PYTHONPATH", "DVC_NO_ANALYTICS"):
+            mp.setenv(key, env[key])
+        mp.delenv("APPO_PARENT_RUN_ID", raising=False)
+        with prefect_test_harness():
+            results = pipeline(project_dir=str(repo))
+    return SimpleNamespace(repo=repo, env=env, tmp=tmp, results=results,
+                           params_text=params_text)
+
+
+def _mlflow_runs(micro):
+    import mlflow
+
+    mlflow.set_tracking_uri(micro.env["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(experiment_names=["appo"], output_format="pandas")
+
+
+def _model_md5(lock: dict, stage: str) -> str:
+    return next(o["md5"] for o in lock[stage]["outs"] if o["path"].endswith("/model"))
+
+
+@pytest.mark.slow
+def test_prefect_flow_ran_every_stage_in_dag_order(micro):
+    from flows.pipeline import plan
+
+    repo = micro.repo
+    order = ["data", "frames", "init_model", "sft", "rl@grpo", "rl@dapo", "rl@appo",
+             "eval@base", "eval@sft", "eval@grpo", "eval@dapo", "eval@appo", "report"]
+    assert list(micro.results) == order
+    assert set(micro.results.values()) == {"ran"}
+    assert (repo / "params.yaml").read_text() == micro.params_text  # no overrides: untouched
+    assert plan(["grpo"], repo) == ["data", "frames", "init_model", "sft", "rl@grpo",
+                                    "eval@base", "eval@sft", "eval@grpo", "report"]
+    with pytest.raises(ValueError, match="not in dvc.yaml"):
+        plan(["ppo"], repo)
+    report = repo / "outputs" / "report"
+    for name in ("report.md", "summary.json", "comparison.csv", "reward_curves.png",
+                 "accuracy_curves.png", "final_accuracy.png", "perception_hit_rate.png",
+                 "reward_curves.csv", "train_accuracy_curves.csv", "final_accuracy.csv"):
+        assert (report / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_dvc_repro_reruns_nothing_then_only_the_changed_algorithm(micro):
+    repo, env = micro.repo, micro.env
+    assert set(_dvc(repo, env, "stage", "list", "--name-only").split()) == ALL_STAGES
+    again = _dvc(repo, env, "repro")
+    assert _ran(again) == set() and "Data and pipelines are up to date" in again
+    assert json.loads(_dvc(repo, env, "status", "--json")) == {}
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["rl"]["algorithms"]["appo"]["perception"]["w_max"] = 1.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(json.loads(_dvc(repo, env, "status", "--json"))) == {"rl@appo"}
+
+    before = _lock(repo)
+    # what `make run` does: dvc repro under one MLflow parent run
+    ran = _ran(_run([sys.executable, "-m", "appo", "run"], repo, env))
+    after = _lock(repo)
+    # A 1-step micro run whose group rewards tie has zero advantages: then the weights (and the
+    # model hash) do not change and DVC rightly skips eval@appo.
+    changed = _model_md5(before, "rl@appo") != _model_md5(after, "rl@appo")
+    assert ran == {"rl@appo", "report"} | ({"eval@appo"} if changed else set())
+    assert after["rl@appo"]["params"]["params.yaml"]["rl.algorithms.appo"]["perception"][
+        "w_max"] == 1.5
+    for stage in ALL_STAGES - {"rl@appo", "eval@appo", "report"}:
+        assert after[stage] == before[stage], stage
+    assert _ran(_dvc(repo, env, "repro")) == set()
+
+
+@pytest.mark.slow
+def test_mlflow_parent_child_runs_and_compare(micro):
+    runs = _mlflow_runs(micro)
+    parents = runs[runs["tags.runner"] == "prefect"]
+    assert len(parents) == 1
+    parent = parents.iloc[0]
+    assert parent["status"] == "FINISHED" and parent["tags.dvc_stage"] == "pipeline"
+    assert parent["tags.data_fingerprint"] and parent["params.algorithms"] == "all"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    assert sorted(children["tags.dvc_stage"]) == sorted(LOGGING_STAGES)
+    assert (children["status"] == "FINISHED").all()
+    for tag in ("git_commit", "seed", "data_fingerprint"):
+        assert children[f"tags.{tag}"].notna().all(), tag
+    assert (children["tags.data_fingerprint"] == parent["tags.data_fingerprint"]).all()
+    by_stage = {r["tags.dvc_stage"]: r for _, r in children.iterrows()}
+    for stage in LOGGING_STAGES:
+        if "@" in stage:
+            assert by_stage[stage]["tags.algorithm"] == stage.split("@")[1]
+    assert by_stage["rl@appo"]["params.algo"] == "appo"
+    assert by_stage["rl@appo"]["metrics.final/steps"] == 1
+    assert 0.0 <= by_stage["eval@appo"]["metrics.overall/accuracy"] <= 1.0
+    assert 0.0 <= by_stage["eval@appo"]["metrics.overall/perception_hit_rate"] <= 1.0
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(by_stage["report"]["run_id"])}
+    assert {"report.md", "summary.json", "reward_curves.png", "final_accuracy.png"} <= artifacts
+    assert "metrics.json" in {a.path for a in client.list_artifacts(by_stage["eval@sft"]["run_id"])}
+    assert "report.md" in {a.path for a in client.list_artifacts(parent["run_id"])}
+
+    table = _run([sys.executable, "-m", "appo", "compare"], micro.repo, micro.env, True)
+    files = _run([sys.executable, "-m", "appo", "compare", "--from-files"], micro.repo,
+                 micro.env, True)
+    for out in (table, files):
+        lines = [line for line in out.splitlines() if line.strip()]
+        header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("variant"))
+        assert "test acc % [95% CI]" in lines[header] and "perception hit %" in lines[header]
+        assert "RL reward" in lines[header] and "train time s" in lines[header]
+        rows = [line.split()[0] for line in lines[header + 1:]]
+        assert rows == ["base", "sft", "grpo", "dapo", "appo"]

@@ -379,8 +379,10 @@ class Bench:
             capture += hook_time[0]
             forward += seconds - hook_time[0]
             with torch.no_grad():
+                group_records = [batch.records[i]
+                                 for i in rows[:: trainer.cfg.num_generations].tolist()]
                 seconds, _ = timed(self.device, trainer._perception_weights, attn, mask,
-                                   batch.correct[rows], hidden, logp)
+                                   batch.correct[rows], hidden, logp, group_records)
             weights += seconds
             del logp, hidden, attn
         return {"capture_s": capture, "weights_s": weights, "scoring_forward_s": forward}

@@ -3,7 +3,8 @@
 ``python -m appo run`` reproduces the whole DVC pipeline (``dvc repro``: every stage whose code,
 params or inputs changed) under one MLflow parent run; ``python -m appo stage NAME`` runs one
 params-only stage without DVC; ``python -m appo compare`` prints the variants side by side
-(from MLflow, or with ``--from-files`` from ``outputs/``).
+(from MLflow, or with ``--from-files`` from ``outputs/``); ``python -m appo experiment FILE``
+runs a multi-seed experiment (:mod:`appo.experiment`) through the same pipeline.
 """
 
 from __future__ import annotations
@@ -328,6 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     p_cmp.add_argument("--experiment", default=None, help="MLflow experiment (default appo)")
     p_cmp.add_argument("--all", dest="all_runs", action="store_true",
                        help="one row per pipeline run and variant (MLflow)")
+    p_exp = sub.add_parser("experiment", help="multi-seed comparison / ablation (experiments/*.yaml)")
+    p_exp.add_argument("file", help="experiment file, e.g. experiments/headline.yaml")
+    p_exp.add_argument("--only", default=None, help="run just this variant")
+    p_exp.add_argument("--aggregate-only", action="store_true",
+                       help="rebuild the tables from the runs already collected")
     args = parser.parse_args(argv)
     from appo.config import ConfigError
     from appo.data.schema import DataError
@@ -339,6 +345,11 @@ def main(argv: list[str] | None = None) -> None:
                          overrides=args.overrides, keep_params=args.keep_params)
         elif args.command == "compare":
             print(compare(args.from_files, args.outputs, args.experiment, args.all_runs))
+        elif args.command == "experiment":
+            from appo.experiment import render_markdown, run_experiment
+
+            print(render_markdown(run_experiment(args.file, only=args.only,
+                                                 aggregate_only=args.aggregate_only)))
         else:
             run_stage(args.name, args.params)
     except (ConfigError, DataError, ModelError, ValueError, RuntimeError) as exc:

@@ -284,6 +284,10 @@ class RLConfig:
     save_every: int = 10
     max_bad_steps: int = 5
     seed: int = 0
+    mixed_precision: str = "auto"  # auto (bf16 autocast on CUDA, none on CPU) | no | bf16
+    # none: one process | ddp | fsdp | cpu-ddp (configs/accelerate/<name>.yaml) | a config path
+    launch: str = "none"
+    num_processes: int = 0  # processes of a launch; 0 = the launch config's value
     algorithms: dict[str, AlgorithmConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -294,6 +298,11 @@ class RLConfig:
                      "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'rl.{name}' must be >= 1")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ConfigError(f"'rl.mixed_precision' is {self.mixed_precision!r}; expected "
+                              "auto, no or bf16")
+        if self.num_processes < 0:
+            raise ConfigError("'rl.num_processes' must be >= 0 (0 = the launch config's value)")
 
     def algorithm(self, name: str) -> AlgorithmConfig:
         if name not in self.algorithms:

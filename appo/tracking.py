@@ -94,6 +94,30 @@ class RunLogger:
         self.close("FAILED" if exc_type else "FINISHED")
 
 
+class NullLogger:
+    """The RunLogger interface doing nothing: for the non-main processes of a launch."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
     """Rows of a metrics.jsonl file (for reports and tests)."""
     path = Path(path)
@@ -103,8 +127,11 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
 
 
 def open_run(out_dir: str | Path, run_name: str, *, run_id: str | None = None,
-             tags: dict[str, str] | None = None) -> RunLogger:
-    """A RunLogger that reopens MLflow run ``run_id`` after a resume, else starts a new run."""
+             tags: dict[str, str] | None = None, main: bool = True) -> RunLogger | NullLogger:
+    """A RunLogger that reopens MLflow run ``run_id`` after a resume, else starts a new run
+    (a :class:`NullLogger` on the non-main processes of a launch: one run, one file)."""
+    if not main:
+        return NullLogger()
     if run_id is not None:
         try:
             return RunLogger(out_dir, run_name, run_id=run_id, tags=tags)

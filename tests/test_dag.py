@@ -41,8 +41,9 @@ MICRO = [
     "rl.groups_per_micro_batch=2", "rl.max_new_tokens=8",
     "eval.max_new_tokens=8", "eval.batch_size=8",
 ]
-ALL_STAGES = {"data", "frames", "init_model", "sft", "rl@grpo", "rl@dapo", "rl@appo",
-              "eval@base", "eval@sft", "eval@grpo", "eval@dapo", "eval@appo", "report"}
+ALGORITHMS = ("grpo", "dapo", "appo", "tgrpo")
+ALL_STAGES = {"data", "frames", "init_model", "sft", "eval@base", "eval@sft", "report",
+              *(f"rl@{a}" for a in ALGORITHMS), *(f"eval@{a}" for a in ALGORITHMS)}
 LOGGING_STAGES = ALL_STAGES - {"data", "frames", "init_model"}  # those with an MLflow run
 
 
@@ -67,6 +68,25 @@ def test_rl_stage_lists_each_shared_rl_key_and_only_its_own_preset():
             assert not [p for p in body.get("params", []) if str(p).startswith("rl")], name
     metrics = [m for s in stages.values() for m in s.get("do", s).get("metrics", [])]
     assert metrics and all(next(iter(m.values())) == {"cache": False} for m in metrics)
+
+
+def test_every_preset_is_trained_evaluated_and_reported():
+    """Each rl.algorithms preset of params.yaml is an rl@ item, an eval@ item, a report input
+    and a curve of both per-step plots (a new preset cannot be left out of the comparison)."""
+    dag = _dvc_yaml()
+    presets = set(yaml.safe_load((ROOT / "params.yaml").read_text())["rl"]["algorithms"])
+    assert set(ALGORITHMS) == presets
+    assert set(dag["vars"][0]["algorithms"]) == presets
+    assert set(dag["stages"]["eval"]["foreach"]) == presets | {"base", "sft"}
+    report_deps = set(dag["stages"]["report"]["deps"])
+    for algo in presets:
+        assert {f"outputs/rl/{algo}/metrics.json", f"outputs/rl/{algo}/metrics.jsonl",
+                f"outputs/eval/{algo}/metrics.json",
+                f"outputs/eval/{algo}/predictions.jsonl"} <= report_deps, algo
+    for plot in dag["plots"][:2]:
+        (spec,) = plot.values()
+        (curves,) = spec["y"].values()
+        assert set(curves) == presets
 
 
 def test_params_installed_applies_overrides_and_restores(tmp_path):
@@ -218,8 +238,8 @@ def test_prefect_flow_ran_every_stage_in_dag_order(micro):
     from flows.pipeline import plan
 
     repo = micro.repo
-    order = ["data", "frames", "init_model", "sft", "rl@grpo", "rl@dapo", "rl@appo",
-             "eval@base", "eval@sft", "eval@grpo", "eval@dapo", "eval@appo", "report"]
+    order = ["data", "frames", "init_model", "sft", *(f"rl@{a}" for a in ALGORITHMS),
+             "eval@base", "eval@sft", *(f"eval@{a}" for a in ALGORITHMS), "report"]
     assert list(micro.results) == order
     assert set(micro.results.values()) == {"ran"}
     assert (repo / "params.yaml").read_text() == micro.params_text  # no overrides: untouched
@@ -302,4 +322,4 @@ def test_mlflow_parent_child_runs_and_compare(micro):
         assert "test acc % [95% CI]" in lines[header] and "perception hit %" in lines[header]
         assert "RL reward" in lines[header] and "train time s" in lines[header]
         rows = [line.split()[0] for line in lines[header + 1:]]
-        assert rows == ["base", "sft", "grpo", "dapo", "appo"]
+        assert rows == ["base", "sft", *ALGORITHMS]

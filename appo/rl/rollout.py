@@ -223,7 +223,9 @@ def token_logprobs(
 
 
 def _final_norm(model) -> torch.nn.Module:
-    """The language model's final RMSNorm, whose output feeds lm_head (also under peft)."""
+    """The language model's final RMSNorm, whose output feeds lm_head (also under peft/DDP)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     if hasattr(model, "get_base_model"):  # a peft PeftModel wraps the transformers model
         model = model.get_base_model()
     lm = getattr(getattr(model, "model", model), "language_model", None)

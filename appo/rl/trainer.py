@@ -6,6 +6,12 @@ sampling (optional) -> group advantages -> mu policy updates over micro-batches 
 The algorithms differ only in :class:`appo.config.AlgorithmConfig` values, which select the
 pure functions in :mod:`appo.rl.objectives` and :mod:`appo.rl.perception`; there is no
 ``if algo == ...`` anywhere.
+
+Data parallel (``accelerate launch``): every process collects and trains its own
+``prompts_per_step / num_processes`` whole groups from one shared prompt stream, the wrapped
+policy (DDP/FSDP) averages gradients, which equals the single-process update on the same global
+batch because each process weights its loss by its (equal) share of the rows; metrics are
+combined across processes (:mod:`appo.train.distributed`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from appo.rl import objectives, temporal
 from appo.rl.perception import perception_weights
 from appo.rl.rewards import RewardSpec, score_responses
 from appo.rl.rollout import Rollout, generate, token_logprobs
+from appo.train import distributed as dist
 from appo.train.common import SkipCounter, clip_gradients, is_lora
 
 
@@ -39,6 +46,13 @@ class Batch:
     correct: torch.Tensor  # [B*G] bool, accuracy >= tau
     advantages: torch.Tensor  # [B*G]
     metrics: dict[str, float]
+
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The batch restricted to ``rows`` (whole groups: e.g. one process's share)."""
+        idx = rows.tolist()
+        return Batch(self.rollout.select(rows), [self.records[i] for i in idx],
+                     self.rewards[rows], self.correct[rows], self.advantages[rows],
+                     dict(self.metrics))
 
 
 class PromptSampler:
@@ -124,22 +138,32 @@ class RLTrainer:
 
     def __init__(self, model, processor, cfg: RLConfig, algo: AlgorithmConfig,
                  records: Sequence[VideoQA], store: FrameStore, *, ref_model=None,
-                 optimizer=None, scheduler=None, reward_fn: RewardFn | None = None) -> None:
+                 optimizer=None, scheduler=None, reward_fn: RewardFn | None = None,
+                 accelerator=None) -> None:
+        """``model`` may be the accelerate-prepared policy (DDP/FSDP-wrapped, autocast): its
+        forward trains, the unwrapped module generates and carries the attention hooks."""
         if cfg.num_generations < 2:
             raise ValueError("rl.num_generations must be >= 2 (group statistics need a group)")
         if algo.beta > 0 and ref_model is None and not is_lora(model):
             raise ValueError("beta > 0 needs a reference model (or a LoRA policy, whose base "
                              "with adapters disabled is the reference)")
-        self.model, self.processor, self.cfg, self.algo = model, processor, cfg, algo
+        self.accelerator = accelerator
+        self.rank, self.world = dist.rank_and_world(accelerator)
+        self.local_prompts = dist.local_count(cfg.prompts_per_step, self.world,
+                                              "rl.prompts_per_step")
+        self.policy = model  # what the loss forward runs through (gradient sync)
+        self.model = accelerator.unwrap_model(model) if accelerator is not None else model
+        self.processor, self.cfg, self.algo = processor, cfg, algo
         self.ref_model, self.store = ref_model, store
         self.sampler = PromptSampler(records, cfg.seed)
         self.reward_fn = reward_fn or partial(
             score_responses, spec=RewardSpec(weights=dict(cfg.reward_weights)))
         self.optimizer = optimizer or torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
             weight_decay=cfg.weight_decay)
         self.scheduler = scheduler
-        self.device = next(model.parameters()).device
+        self.device = (accelerator.device if accelerator is not None
+                       else next(self.model.parameters()).device)
         self.skips = SkipCounter(cfg.max_bad_steps)
         self.steps_done = 0
 
@@ -167,7 +191,9 @@ class RLTrainer:
                                        t.condition, t.ratio)
 
     def collect(self) -> Batch:
-        """Rollouts until ``prompts_per_step`` groups are kept (DAPO dynamic sampling)."""
+        """Rollouts until this process's share of ``prompts_per_step`` groups are kept (DAPO
+        dynamic sampling). Every process draws the same prompts per round and takes its own
+        slice, so the prompt stream (and a resume's position in it) is process-independent."""
         cfg, algo, g = self.cfg, self.algo, self.cfg.num_generations
         tau = algo.perception.tau
         kept: list[Rollout] = []
@@ -178,10 +204,14 @@ class RLTrainer:
         rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
         groups_seen = 0
         for _ in range(rounds):
-            need = cfg.prompts_per_step - sum(r.prompt_ids.shape[0] // g for r in kept)
-            if need <= 0:
+            need = self.local_prompts - sum(r.prompt_ids.shape[0] // g for r in kept)
+            most = dist.max_across(need, self.accelerator)
+            if most <= 0:
                 break
-            prompts = self.sampler.next(need)
+            drawn = self.sampler.next(most * self.world)
+            prompts = drawn[self.rank * most: self.rank * most + need]
+            if not prompts:  # this process is full; the others sample on
+                continue
             rollout, rows = self._rollout(prompts, g)
             generated_tokens += int(rollout.lengths.sum())
             total, accuracy, m = shaped_rewards(rollout, rows, self.reward_fn, algo,
@@ -214,8 +244,8 @@ class RLTrainer:
         merged = _concat_rollouts(kept, self.processor.tokenizer.pad_token_id)
         reward = torch.cat(rewards)
         n_groups = merged.prompt_ids.shape[0] // g
-        if n_groups > cfg.prompts_per_step:  # a final round may overshoot; keep whole groups
-            idx = torch.arange(cfg.prompts_per_step * g)
+        if n_groups > self.local_prompts:  # a final round may overshoot; keep whole groups
+            idx = torch.arange(self.local_prompts * g)
             merged, reward = merged.select(idx), reward[idx]
             kept_rows = kept_rows[: len(idx)]
             correct = [torch.cat(correct)[idx]]
@@ -252,9 +282,9 @@ class RLTrainer:
             recorder.prepare(inputs["input_ids"], inputs["attention_mask"],
                              inputs["video_grid_thw"], part.prompt_ids.shape[1], response.shape[1])
             with recorder:
-                logp, hidden = token_logprobs(self.model, inputs, response, cfg.temperature)
+                logp, hidden = token_logprobs(self.policy, inputs, response, cfg.temperature)
         else:
-            logp, hidden = token_logprobs(self.model, inputs, response, cfg.temperature)
+            logp, hidden = token_logprobs(self.policy, inputs, response, cfg.temperature)
         old = part.logprobs.to(self.device) if cfg.num_iterations > 1 else logp.detach()
         stats: dict[str, float] = {}
         weights = None
@@ -337,25 +367,46 @@ class RLTrainer:
         return float(np.mean([bool(keys & set(indices[2 * t: 2 * t + 2])) for t in crucial]))
 
     def train_step(self) -> dict[str, float]:
-        """One RL step: collect, then mu passes of accumulated micro-batch updates."""
+        """One RL step: collect, then mu passes of accumulated micro-batch updates.
+
+        Torch's RNG is seeded from (seed, step, process) first, so sampling is reproducible
+        on resume and differs between processes.
+        """
         t0 = time.perf_counter()
+        torch.manual_seed(dist.step_seed(self.cfg.seed, self.steps_done, self.rank))
         batch = self.collect()
         self.last_batch = batch
+        metrics = self.update(batch)
+        metrics["step_time"] = time.perf_counter() - t0
+        return dist.combine_metrics(metrics, self.accelerator)
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """mu passes of gradient-accumulated updates on this process's part of the batch.
+
+        Each micro-batch loss is weighted by its share of the local rows; the data-parallel
+        wrapper averages over processes, so with equal shares the gradient is the one of the
+        whole global batch. The update is skipped everywhere if any process saw a non-finite
+        loss or the (synchronised) gradient norm is not finite.
+        """
         micro = self._micro_batches(batch)
-        self.model.train()
+        self.policy.train()
         weights_cache: dict = {}
         stats_all: list[dict] = []
         grad_norm = 0.0
         params = [p for p in self.model.parameters() if p.requires_grad]
+        n_rows = batch.rollout.prompt_ids.shape[0]
         for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for rows in micro:
-                loss, stats = self._loss(batch, rows, weights_cache)
-                (loss * len(rows) / batch.rollout.prompt_ids.shape[0]).backward()
+            for i, rows in enumerate(micro):
+                with dist.no_sync(self.policy, self.accelerator, last=i == len(micro) - 1):
+                    loss, stats = self._loss(batch, rows, weights_cache)
+                    (loss * len(rows) / n_rows).backward()
                 stats["loss"] = float(loss.detach())
                 stats_all.append(stats)
             grad_norm = clip_gradients(params, self.cfg.max_grad_norm)
-            ok = np.isfinite(grad_norm) and all(np.isfinite(s["loss"]) for s in stats_all)
+            ok = dist.all_true(np.isfinite(grad_norm)
+                               and all(np.isfinite(s["loss"]) for s in stats_all),
+                               self.accelerator)
             self.skips.update(ok, self.steps_done)  # raises after max_bad_steps in a row
             if not ok:  # skip the update: a non-finite step must never reach the weights
                 self.optimizer.zero_grad(set_to_none=True)
@@ -370,6 +421,5 @@ class RLTrainer:
         metrics["grad_norm"] = float(grad_norm)
         metrics["skipped_steps"] = float(self.skips.total)
         metrics["reward"] = float(batch.rewards.mean())
-        metrics["step_time"] = time.perf_counter() - t0
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics

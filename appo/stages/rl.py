@@ -6,6 +6,10 @@ checkpoint loadable like any other), ``metrics.json`` and ``metrics.jsonl``. Tra
 checkpointed every ``rl.save_every`` steps under ``<rl.out_dir>/<algo>/checkpoints``; the same
 command after a crash resumes from the newest one (same weights, optimizer, RNG, data position
 and MLflow run), provided the configuration is unchanged.
+
+``rl.launch`` (or ``--launch``) other than ``none`` reruns this command under ``accelerate
+launch`` with a DDP/FSDP config (``configs/accelerate/``): each process trains its share of
+whole groups, the main process alone writes checkpoints, the model and the metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +30,11 @@ from appo.rl.trainer import RLTrainer
 from appo.stages import stage_main
 from appo.tracking import open_run, truncate_metrics
 from appo.train import common
+from appo.train import distributed as dist
 
 # Knobs that may change between a crash and its resume without invalidating the checkpoint.
 RESUME_SAFE = {"steps", "save_every", "max_bad_steps"}
+MODULE = "appo.stages.rl"
 
 
 def _fingerprint(cfg: RLConfig, algo_name: str, seed: int) -> str:
@@ -50,8 +57,11 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
     ckpt_root = out / "checkpoints"
 
     common.seed_everything(seed)
+    accelerator = common.make_accelerator(cfg.mixed_precision, model_cfg.device,
+                                          multi_process=True)
+    main = accelerator.is_main_process
     model, processor = load_policy(cfg.init, model_cfg.dtype, model_cfg.attn_implementation,
-                                   model_cfg.device)
+                                   str(accelerator.device))
     ref_model = None
     if algo.beta > 0 and not cfg.lora:  # frozen copy of the start policy (bf16 on GPU), no grads
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -62,9 +72,12 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
     optimizer = common.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = common.build_scheduler(optimizer, cfg.warmup_steps, total_steps, min_lr_ratio=1.0)
     records = load_split(split_path(data.out_dir, "rl"))
-    trainer = RLTrainer(model, processor, dataclasses.replace(cfg, seed=seed), algo, records,
+    # device placement, bf16 autocast on CUDA, DDP/FSDP wrapping under a launch (the optimizer
+    # and scheduler stay plain: one optimizer step per RL step on every process)
+    policy = accelerator.prepare_model(model)
+    trainer = RLTrainer(policy, processor, dataclasses.replace(cfg, seed=seed), algo, records,
                         FrameStore(frames.out_dir), ref_model=ref_model, optimizer=optimizer,
-                        scheduler=scheduler)
+                        scheduler=scheduler, accelerator=accelerator)
 
     fingerprint = _fingerprint(cfg, algo_name, seed)
     start, run_id, elapsed = 0, None, 0.0
@@ -84,25 +97,28 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
     history: list[dict] = []
     t0 = time.perf_counter() - elapsed
     tags = {"stage": f"rl@{algo_name}", "algorithm": algo_name, "seed": str(seed)}
-    with open_run(out, f"rl-{algo_name}", run_id=run_id, tags=tags) as log:
+    with open_run(out, f"rl-{algo_name}", run_id=run_id, tags=tags, main=main) as log:
         if run_id is None:
             log.log_params({"rl": {k: v for k, v in vars(cfg).items() if k != "algorithms"},
                             "algorithm": dataclasses.asdict(algo), "algo": algo_name,
                             "seed": seed})
         bar = tqdm(range(start, total_steps), desc=f"rl {algo_name}", unit="step",
-                   initial=start, total=total_steps, disable=not progress)
+                   initial=start, total=total_steps, disable=not (progress and main))
         for step in bar:
             metrics = trainer.train_step()
             history.append(metrics)
             log.log_metrics(metrics, step)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
             done = step + 1
-            if cfg.save_every > 0 and done % cfg.save_every == 0 and done < total_steps:
+            if main and cfg.save_every > 0 and done % cfg.save_every == 0 and done < total_steps:
                 common.save_training_state(ckpt_root / f"step-{done}", model, optimizer, scheduler, {
                     "step": done, "sampler_position": trainer.sampler.position,
                     "skips": trainer.skips.state_dict(), "run_id": log.run_id,
                     "fingerprint": fingerprint, "elapsed": time.perf_counter() - t0})
                 common.prune_checkpoints(ckpt_root, keep=2)
+        accelerator.wait_for_everyone()
+        if not main:
+            return {}
         common.export_model(model, processor, out / "model")
         tail = history[-5:] or [{"reward": float("nan"), "accuracy": float("nan")}]
         summary = {
@@ -112,6 +128,7 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
             "final_reward": sum(m["reward"] for m in tail) / len(tail),
             "final_accuracy": sum(m["accuracy"] for m in tail) / len(tail),
             "skipped_steps": trainer.skips.total,
+            "num_processes": accelerator.num_processes,
         }
         atomic_write_json(out / "metrics.json", summary)
         log.log_metrics({f"final/{k}": v for k, v in summary.items()
@@ -127,7 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algo", required=True, help="a preset name under rl.algorithms")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=None, help="override rl.steps")
+    parser.add_argument("--launch", default=None,
+                        help="override rl.launch: none, ddp, fsdp, cpu-ddp or an accelerate config")
     args = parser.parse_args(argv)
+    cfg = load_section(RLConfig, "rl", args.params)
+    code = dist.relaunch(args.launch or cfg.launch, cfg.num_processes, MODULE,
+                         sys.argv[1:] if argv is None else argv)
+    if code is not None:
+        if code:
+            raise SystemExit(code)
+        return
     run(args.params, args.algo, args.steps)
 
 

@@ -314,11 +314,13 @@ def resolve_mixed_precision(mixed_precision: str, device_type: str) -> str:
     return mixed_precision
 
 
-def make_accelerator(mixed_precision: str = "auto", device: str = "auto"):
-    """An ``accelerate.Accelerator`` for one process on ``device`` (auto: CUDA when present).
+def make_accelerator(mixed_precision: str = "auto", device: str = "auto",
+                     multi_process: bool = False):
+    """An ``accelerate.Accelerator`` on ``device`` (auto: CUDA when present).
 
-    ``prepare(model, optimizer)`` then places the model and wraps its forward in bf16 autocast
-    (on CUDA by default). Data-parallel launches are refused: the loops shard no data.
+    ``prepare(model, ...)`` then places the model, wraps its forward in bf16 autocast (on CUDA
+    by default) and, under ``accelerate launch``, in DDP/FSDP. Loops that shard no data (SFT)
+    pass ``multi_process=False`` and refuse a multi-process launch.
     """
     from accelerate import Accelerator
 
@@ -327,8 +329,8 @@ def make_accelerator(mixed_precision: str = "auto", device: str = "auto"):
     dev = resolve_device(device)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision, dev.type),
                               cpu=dev.type == "cpu")
-    if accelerator.num_processes > 1:
-        raise RuntimeError("multi-process (data-parallel) training is not supported; "
+    if accelerator.num_processes > 1 and not multi_process:
+        raise RuntimeError("multi-process (data-parallel) training is not supported here; "
                            "run one process per GPU job")
     return accelerator
 

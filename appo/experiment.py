@@ -1,0 +1,325 @@
+"""Multi-seed experiments over the DVC pipeline: the algorithm comparison and its ablations.
+
+``python -m appo experiment experiments/headline.yaml`` reads an experiment file::
+
+    name: headline
+    split: test                    # the split whose accuracy is reported
+    seeds: [0, 1, 2]               # rl.seed values (the SFT warm start is shared)
+    algorithms: [grpo, dapo, appo, tgrpo]
+    set: [rl.lr=1.0e-4]            # params overrides of every run
+    variants:                      # name -> {set, algorithms, seeds}; default: one "main"
+      main: {}
+      w_max=1.35: {algorithms: [appo], seeds: [0],
+                   set: [rl.algorithms.appo.perception.w_max=1.35]}
+
+and, for every variant and seed, reproduces the ``eval@<algo>`` stages with ``dvc repro`` under
+an MLflow parent run (:func:`appo.cli.run_pipeline`): everything upstream comes from the DVC
+cache (one data set, one SFT checkpoint for all), and DVC's run cache restores a (variant,
+seed) that ran before instead of training it again. After each run its results are copied to
+``outputs/experiments/<name>/<variant>/seed-<s>/<algo>/``; :func:`aggregate` then writes
+``results.md``, ``results.json`` and plots beside them: mean accuracy over seeds with a 95%
+Student-t interval, per task family, perception hit rate, train time, and each algorithm's
+paired per-seed difference to the others (inside the noise when its interval contains 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appo.config import ConfigError, load_yaml
+from appo.io import atomic_path, atomic_write_json, atomic_write_text
+
+# two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (normal beyond)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+BASELINES = ("base", "sft")  # seed-independent rows (their own eval stages)
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: list[str]
+    algorithms: list[str]
+    seeds: list[int]
+
+
+@dataclass
+class Experiment:
+    name: str
+    split: str
+    seeds: list[int]
+    algorithms: list[str]
+    overrides: list[str] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Experiment:
+        """Parse and check an experiment file; errors name the file and the field."""
+        raw = load_yaml(path)
+        where = str(path)
+        known = {"name", "split", "seeds", "algorithms", "set", "variants"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; expected {sorted(known)}")
+
+        def ints(value: Any, name: str) -> list[int]:
+            if not isinstance(value, list) or not value or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{where}: '{name}' must be a non-empty list of integers")
+            return list(value)
+
+        def strs(value: Any, name: str, empty: bool = False) -> list[str]:
+            if not isinstance(value, list) or (not value and not empty) or not all(
+                    isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: '{name}' must be a list of strings")
+            return list(value)
+
+        name = raw.get("name") or Path(path).stem
+        seeds = ints(raw.get("seeds", [0]), "seeds")
+        algorithms = strs(raw.get("algorithms"), "algorithms")
+        overrides = strs(raw.get("set", []), "set", empty=True)
+        variants = []
+        for vname, body in (raw.get("variants") or {"main": {}}).items():
+            body = body or {}
+            if not isinstance(body, dict) or set(body) - {"set", "algorithms", "seeds"}:
+                raise ConfigError(f"{where}: variants.{vname} must be a mapping with keys "
+                                  "set, algorithms, seeds")
+            algos = strs(body.get("algorithms", algorithms), f"variants.{vname}.algorithms")
+            extra = sorted(set(algos) - set(algorithms))
+            if extra:
+                raise ConfigError(f"{where}: variants.{vname}.algorithms {extra} are not in "
+                                  f"'algorithms' {algorithms}")
+            variants.append(Variant(
+                str(vname), strs(body.get("set", []), f"variants.{vname}.set", empty=True),
+                algos, ints(body.get("seeds", seeds), f"variants.{vname}.seeds")))
+        return cls(str(name), str(raw.get("split", "test")), seeds, algorithms, overrides,
+                   variants)
+
+    def runs(self) -> list[tuple[Variant, int]]:
+        return [(v, s) for v in self.variants for s in v.seeds]
+
+
+def run_overrides(exp: Experiment, variant: Variant, seed: int) -> list[str]:
+    """Effective overrides of one run: the experiment's, the variant's, the seed and split."""
+    return [*exp.overrides, *variant.overrides, f"rl.seed={seed}", f"eval.splits=[{exp.split}]"]
+
+
+def run_dir(root: Path, exp: Experiment, variant: Variant, seed: int) -> Path:
+    return root / exp.name / variant.name / f"seed-{seed}"
+
+
+def collect_run(outputs: Path, dest: Path, algorithms: Sequence[str]) -> None:
+    """Copy one run's eval and RL results (and the seed-independent baselines) to ``dest``."""
+    files = {"eval": ("metrics.json", "predictions.jsonl"), "rl": ("metrics.json", "metrics.jsonl")}
+    for algo in (*algorithms, *BASELINES):
+        for kind, names in files.items():
+            for name in names:
+                src = outputs / kind / algo / name
+                if src.is_file():
+                    target = dest / algo / f"{kind}_{name}"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(target) as tmp:
+                        shutil.copyfile(src, tmp)
+
+
+def run_experiment(path: str | Path, *, project: str | Path = ".", only: str | None = None,
+                   aggregate_only: bool = False) -> dict[str, Any]:
+    """Every (variant, seed) of the experiment through the DVC pipeline, then the aggregate.
+
+    ``only`` runs a single variant; ``aggregate_only`` just rebuilds the tables from what ran.
+    """
+    from appo.cli import run_pipeline
+
+    exp = Experiment.load(path)
+    project = Path(project).resolve()
+    root = project / "outputs" / "experiments"
+    if not aggregate_only:
+        runs = [(v, s) for v, s in exp.runs() if only is None or v.name == only]
+        if not runs:
+            raise ConfigError(f"{path}: no variant named {only!r}")
+        for i, (variant, seed) in enumerate(runs, 1):
+            print(f"experiment {exp.name}: run {i}/{len(runs)}: {variant.name} seed {seed}",
+                  flush=True)
+            targets = [f"eval@{a}" for a in variant.algorithms] + [f"eval@{b}" for b in BASELINES]
+            run_pipeline(targets, project=project,
+                         overrides=run_overrides(exp, variant, seed))
+            collect_run(project / "outputs", run_dir(root, exp, variant, seed),
+                        variant.algorithms)
+    return aggregate(exp, root / exp.name)
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation (pure: reads the copied results)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the two-sided 95% Student-t interval); nan width for one value."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def aggregate(exp: Experiment, root: Path) -> dict[str, Any]:
+    """Per (variant, algorithm): accuracy and per-family accuracy over seeds (mean, 95% CI),
+    perception hit rate, train time; paired per-seed differences between the main variant's
+    algorithms; written to ``results.json``, ``results.md`` and PNG plots under ``root``."""
+    table: dict[str, dict[str, Any]] = {}
+    curves: dict[str, list[list[float]]] = {}
+    per_seed: dict[str, dict[int, float]] = {}
+    baselines: dict[str, dict[str, Any]] = {}
+    for variant in exp.variants:
+        for algo in variant.algorithms:
+            key = algo if variant.name == "main" else f"{algo} [{variant.name}]"
+            accs, hits, times, rewards = {}, [], [], []
+            families: dict[str, list[float]] = {}
+            for seed in variant.seeds:
+                d = run_dir(root.parent, exp, variant, seed) / algo
+                ev, rl = _read(d / "eval_metrics.json"), _read(d / "rl_metrics.json")
+                if ev is None:
+                    continue
+                bench = ev.get("benchmarks", {}).get(exp.split, ev.get("overall", {}))
+                accs[seed] = bench["accuracy"]
+                if ev.get("overall", {}).get("perception_hit_rate") is not None:
+                    hits.append(ev["overall"]["perception_hit_rate"])
+                for fam, stats in ev.get("by_family", {}).items():
+                    families.setdefault(fam, []).append(stats["accuracy"])
+                if rl:
+                    times.append(rl.get("train_time_s", math.nan))
+                    rewards.append(rl.get("final_reward", math.nan))
+                curve = [r["reward"] for r in _rows(d / "rl_metrics.jsonl") if "reward" in r]
+                if curve and variant.name == "main":
+                    curves.setdefault(algo, []).append(curve)
+            if not accs:
+                continue
+            per_seed[key] = accs
+            table[key] = {
+                "seeds": sorted(accs),
+                "accuracy": mean_ci(list(accs.values())),
+                "families": {f: mean_ci(v) for f, v in sorted(families.items())},
+                "perception_hit_rate": mean_ci(hits)[0] if hits else None,
+                "train_time_s": mean_ci(times)[0] if times else None,
+                "final_reward": mean_ci(rewards)[0] if rewards else None,
+            }
+            for base in BASELINES:
+                ev = _read(run_dir(root.parent, exp, variant, variant.seeds[0]) / base
+                           / "eval_metrics.json")
+                if ev is not None and base not in baselines:
+                    bench = ev.get("benchmarks", {}).get(exp.split, ev.get("overall", {}))
+                    baselines[base] = {
+                        "accuracy": bench["accuracy"], "ci95": bench.get("ci95"),
+                        "families": {f: s["accuracy"] for f, s in ev.get("by_family", {}).items()},
+                        "perception_hit_rate": ev.get("overall", {}).get("perception_hit_rate")}
+    main = [a for a in exp.algorithms if a in table]
+    differences = {}
+    for i, a in enumerate(main):
+        for b in main[i + 1:]:
+            common = sorted(set(per_seed[a]) & set(per_seed[b]))
+            diffs = [per_seed[a][s] - per_seed[b][s] for s in common]
+            mean, half = mean_ci(diffs)
+            differences[f"{a}-{b}"] = {"mean": mean, "ci95_half": half, "seeds": common,
+                                       "inside_noise": not (half < abs(mean))}
+    result = {"name": exp.name, "split": exp.split, "table": table, "baselines": baselines,
+              "differences": differences}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "results.json", result)
+    atomic_write_text(root / "results.md", render_markdown(result))
+    _plot(root, curves, table, main)
+    return result
+
+
+def _pct(mean_half: tuple[float, float] | list[float]) -> str:
+    mean, half = mean_half
+    if isinstance(half, float) and math.isnan(half):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * half:.1f}"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    table, baselines = result["table"], result["baselines"]
+    families = sorted({f for row in table.values() for f in row["families"]})
+    head = ["variant", "seeds", f"{result['split']} acc % (95% CI over seeds)", *families,
+            "perception hit %", "RL final reward", "train time s"]
+    lines = [f"# Experiment `{result['name']}` ({result['split']} split)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, b in baselines.items():
+        fams = [f"{100 * b['families'][f]:.1f}" if f in b["families"] else "-" for f in families]
+        hit = b.get("perception_hit_rate")
+        lines.append("| " + " | ".join([name, "-", f"{100 * b['accuracy']:.1f}", *fams,
+                                        "-" if hit is None else f"{100 * hit:.1f}", "-", "-"])
+                     + " |")
+    for name, row in table.items():
+        fams = [_pct(row["families"][f]) if f in row["families"] else "-" for f in families]
+
+        def num(x, fmt):
+            return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+        lines.append("| " + " | ".join([
+            name, ",".join(map(str, row["seeds"])), _pct(row["accuracy"]), *fams,
+            num(None if row["perception_hit_rate"] is None else 100 * row["perception_hit_rate"],
+                ".1f"),
+            num(row["final_reward"], ".3f"), num(row["train_time_s"], ".1f")]) + " |")
+    if result["differences"]:
+        lines += ["", "Paired differences (same seeds), accuracy points, mean ± 95% CI:", ""]
+        for pair, d in result["differences"].items():
+            verdict = "inside the noise" if d["inside_noise"] else "outside the noise"
+            half = "n/a" if math.isnan(d["ci95_half"]) else f"{100 * d['ci95_half']:.1f}"
+            lines.append(f"- {pair}: {100 * d['mean']:+.1f} ± {half} ({verdict})")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(root: Path, curves: dict[str, list[list[float]]], table: dict[str, Any],
+          main: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for algo, runs in curves.items():
+            n = min(len(r) for r in runs)
+            mean = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
+            ax.plot(range(n), mean, label=f"{algo} (mean of {len(runs)} seeds)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("mean reward")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        with atomic_path(root / "reward_curves.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+    names = list(table)
+    if names:
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1))
+        means = [100 * table[n]["accuracy"][0] for n in names]
+        halves = [0 if math.isnan(table[n]["accuracy"][1]) else 100 * table[n]["accuracy"][1]
+                  for n in names]
+        ax.barh(names, means, xerr=halves, color=["C0" if n in main else "C7" for n in names])
+        ax.invert_yaxis()
+        ax.set_xlabel("accuracy % (mean over seeds, 95% CI)")
+        fig.tight_layout()
+        with atomic_path(root / "accuracy.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)

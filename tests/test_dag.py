@@ -323,3 +323,36 @@ def test_mlflow_parent_child_runs_and_compare(micro):
         assert "RL reward" in lines[header] and "train time s" in lines[header]
         rows = [line.split()[0] for line in lines[header + 1:]]
         assert rows == ["base", "sft", *ALGORITHMS]
+
+
+@pytest.mark.slow
+def test_dvc_exp_metrics_plots_and_a_two_seed_experiment(micro):
+    """`dvc exp run -S` reruns only what the knob touches; `dvc metrics show` / `dvc plots
+    show` read the stages' outputs; `python -m appo experiment` runs 2 seeds through the
+    pipeline and writes the aggregate table."""
+    repo, env = micro.repo, dict(micro.env)
+    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"})
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "micro"], repo, env)
+    out = _dvc(repo, env, "exp", "run", "-S", "rl.algorithms.appo.perception.k_f=1")
+    assert _ran(out) <= {"rl@appo", "eval@appo", "report"} and "rl@appo" in _ran(out)
+    metrics = json.loads(_dvc(repo, env, "metrics", "show", "--json"))
+    flat = json.dumps(metrics)
+    assert "outputs/eval/appo/metrics.json" in flat and "outputs/rl/tgrpo/metrics.json" in flat
+    _dvc(repo, env, "plots", "show", "-o", str(micro.tmp / "plots"))
+    assert (micro.tmp / "plots" / "index.html").is_file()
+
+    (repo / "experiments").mkdir(exist_ok=True)
+    (repo / "experiments" / "micro.yaml").write_text(yaml.safe_dump({
+        "name": "micro", "split": "test", "seeds": [0, 1], "algorithms": ["grpo"]}))
+    text = _run([sys.executable, "-m", "appo", "experiment", "experiments/micro.yaml"], repo,
+                env, stdout_only=True)
+    results = json.loads((repo / "outputs" / "experiments" / "micro" / "results.json")
+                         .read_text())
+    assert results["table"]["grpo"]["seeds"] == [0, 1]
+    assert "sft" in results["baselines"]
+    assert "| grpo | 0,1 |" in text
+    for seed in (0, 1):
+        assert (repo / "outputs" / "experiments" / "micro" / "main" / f"seed-{seed}" / "grpo"
+                / "eval_metrics.json").is_file()

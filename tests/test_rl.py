@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -220,3 +221,32 @@ def test_lora_policy_uses_its_base_as_the_kl_reference(fresh_policy, synthetic_d
     for _ in range(2):
         last = trainer.train_step()
     assert last["kl"] > 0  # the adapters moved away from the base
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rl_stage_on_cuda_trains_under_bf16_autocast(micro_params, monkeypatch):
+    """model.device cuda + rl.mixed_precision auto: accelerate places the policy on the GPU and
+    runs its forward in bf16 autocast; APPO's capture and weights work there too."""
+    import yaml
+
+    from appo.stages import rl
+    from appo.train import common
+
+    monkeypatch.setenv("APPO_MLFLOW", "0")
+    params = micro_params("gpu", steps=2, save_every=0)
+    body = yaml.safe_load(params.read_text())
+    body["model"]["device"] = "cuda"
+    params.write_text(yaml.safe_dump(body))
+    seen = []
+    real = common.make_accelerator
+
+    def spy(*args, **kwargs):
+        acc = real(*args, **kwargs)
+        seen.append((acc.device.type, acc.mixed_precision))
+        return acc
+
+    monkeypatch.setattr(common, "make_accelerator", spy)
+    summary = rl.run(str(params), "appo", progress=False)
+    assert seen == [("cuda", "bf16")]
+    assert summary["skipped_steps"] == 0 and math.isfinite(summary["final_reward"])

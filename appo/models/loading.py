@@ -97,11 +97,14 @@ def load_policy(
     return model, load_processor(path)
 
 
-def save_checkpoint(model, processor, out_dir: str | Path) -> Path:
-    """Write a checkpoint directory loadable by :func:`load_policy` (weights + processor)."""
+def save_checkpoint(model, processor, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write a checkpoint directory loadable by :func:`load_policy` (weights + processor).
+
+    ``state_dict`` replaces the model's own tensors (e.g. the full weights gathered from FSDP
+    shards)."""
     from appo.io import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
     return Path(out_dir)

@@ -22,9 +22,11 @@ Forward pre-hooks on the selected layers' ``self_attn`` modules capture the atte
 (``hidden_states``, already layer-normed) and the ``position_embeddings`` ``(cos, sin)`` kwarg.
 The hook recomputes ``q`` for the query positions only and ``k`` for all positions with the
 module's own ``q_proj`` / ``k_proj`` (bias included), applies the same (multimodal) rotary
-embedding, and then, per row and per chunk of queries, computes the scores
-``(heads x chunk x S)`` -- never ``(heads x S x S)`` -- with the causal + padding mask, normalises
-with a log-sum-exp over the full context, and sums the probabilities of each frame's visual keys.
+embedding, and then, for all rows at once and per chunk of queries, computes the scores
+``(rows x heads x chunk x S)`` -- never ``(heads x S x S)`` -- with the causal + padding mask,
+normalises with a log-sum-exp over the full context, and averages each frame's visual keys with
+one batched matmul against a ``(rows x S x frames)`` weight (``1 / tokens of the frame`` at the
+frame's visual positions, 0 elsewhere): no Python loop over rows or tokens.
 Grouped-query attention is handled by viewing the queries as ``(kv_heads, group * chunk)`` so each
 key head serves its query group without copying ``k``. Everything runs in float32 whatever the
 model dtype, and is accumulated inside the hook, so no per-layer tensors are kept.
@@ -160,25 +162,17 @@ class _Prepared:
         n_frames = frame_of.max(1).values + 1  # every row has a video
         self.t_max = int(n_frames.max())
         self.frame_valid = torch.arange(self.t_max)[None, :] < n_frames[:, None]
-        self.visual_pos: list[Tensor] = []
-        self.visual_weight: list[Tensor] = []  # [V_b, T_max]: 1 / frame token count at its frame
-        for b in range(B):
-            keep = (frame_of[b] >= 0) & key_valid[b]
-            pos = keep.nonzero().squeeze(1)
-            frames = frame_of[b, pos]
-            counts = torch.bincount(frames, minlength=self.t_max).clamp(min=1).float()
-            weight = torch.zeros(len(pos), self.t_max)
-            weight[torch.arange(len(pos)), frames] = 1.0 / counts[frames]
-            self.visual_pos.append(pos)
-            self.visual_weight.append(weight)
+        # [B, S, T_max]: 1 / (visual tokens of frame t) where position s is a token of frame t
+        visual = (frame_of >= 0) & key_valid
+        onehot = F.one_hot(frame_of.clamp(min=0), self.t_max).float() * visual[..., None]
+        counts = onehot.sum(1, keepdim=True).clamp(min=1.0)  # [B, 1, T_max]
+        self.frame_weight = onehot / counts
         self._device = torch.device("cpu")
 
     def to(self, device: torch.device) -> _Prepared:
         if device != self._device:
-            for name in ("key_valid", "query_pos", "query_valid"):
+            for name in ("key_valid", "query_pos", "query_valid", "frame_weight"):
                 setattr(self, name, getattr(self, name).to(device))
-            self.visual_pos = [p.to(device) for p in self.visual_pos]
-            self.visual_weight = [w.to(device) for w in self.visual_weight]
             self._device = device
         return self
 
@@ -187,7 +181,7 @@ class FrameAttentionRecorder:
     """Context manager: hooks the selected layers; one forward pass fills :meth:`result`.
 
     ``layers`` are decoder-layer indices (negative counts from the end; duplicates ignored).
-    ``query_chunk`` bounds the scratch memory to ``heads x query_chunk x S`` floats per row.
+    ``query_chunk`` bounds the scratch memory to ``rows x heads x query_chunk x S`` floats.
     Hooks do nothing until :meth:`prepare` is called; each selected layer contributes once per
     ``prepare`` (a re-run of the same layer, e.g. a gradient-checkpointing recompute, is ignored).
     """
@@ -291,30 +285,27 @@ class FrameAttentionRecorder:
         qpos = prep.query_pos
         key_pos = torch.arange(S, device=device)
         window = getattr(module, "sliding_window", None)
-        for b in range(B):  # one row at a time: float32 scratch stays O(S x hidden)
-            if len(prep.visual_pos[b]) == 0:
-                continue
-            h = hidden[b].float()
-            cb, sb = cos[b if cos.shape[0] > 1 else 0], sin[b if sin.shape[0] > 1 else 0]
-            k = F.linear(h, wk, bk).view(S, n_kv, head_dim).transpose(0, 1)  # [kv, S, D]
-            k = k * cb + _rotate_half(k) * sb
-            q = F.linear(h[qpos], wq, bq).view(-1, n_heads, head_dim).transpose(0, 1)  # [H, N, D]
-            q = (q * cb[qpos] + _rotate_half(q) * sb[qpos]) * scaling
-            q = q.view(n_kv, group, -1, head_dim)  # head h -> key head h // group (repeat_kv)
-            vis, weight = prep.visual_pos[b], prep.visual_weight[b]
-            for c0 in range(0, prep.n, self.query_chunk):
-                c1 = min(c0 + self.query_chunk, prep.n)
-                qc = q[:, :, c0:c1].reshape(n_kv, group * (c1 - c0), head_dim)
-                scores = torch.matmul(qc, k.transpose(1, 2)).view(n_heads, c1 - c0, S)
-                allowed = prep.key_valid[b][None, :] & (key_pos[None, :] <= qpos[c0:c1, None])
-                if window is not None:
-                    allowed &= key_pos[None, :] > qpos[c0:c1, None] - int(window)
-                scores = scores.masked_fill(~allowed, float("-inf"))
-                lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-                probs = torch.exp(scores[:, :, vis] - lse).mean(0)  # [chunk, V] (head mean)
-                probs = torch.nan_to_num(probs, nan=0.0)
-                per_frame = probs @ weight  # [chunk, T_max]: mean over each frame's tokens
-                self._acc[b, c0:c1] += per_frame * prep.query_valid[b, c0:c1, None]
+        h = hidden.float()
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)  # [B, S, D]
+        k = F.linear(h, wk, bk).view(B, S, n_kv, head_dim).transpose(1, 2)  # [B, kv, S, D]
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        q = F.linear(h[:, qpos], wq, bq).view(B, -1, n_heads, head_dim).transpose(1, 2)
+        q = (q * cos[:, None, qpos] + _rotate_half(q) * sin[:, None, qpos]) * scaling
+        q = q.view(B, n_kv, group, -1, head_dim)  # head h -> key head h // group (repeat_kv)
+        for c0 in range(0, prep.n, self.query_chunk):
+            c1 = min(c0 + self.query_chunk, prep.n)
+            qc = q[:, :, :, c0:c1].reshape(B, n_kv, group * (c1 - c0), head_dim)
+            scores = torch.matmul(qc, k.transpose(-1, -2)).view(B, n_heads, c1 - c0, S)
+            allowed = key_pos[None, :] <= qpos[c0:c1, None]  # [chunk, S] causal
+            if window is not None:
+                allowed = allowed & (key_pos[None, :] > qpos[c0:c1, None] - int(window))
+            allowed = allowed[None] & prep.key_valid[:, None, :]  # [B, chunk, S] + padding
+            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            probs = torch.exp(scores - lse).mean(1)  # [B, chunk, S] (head mean)
+            probs = torch.nan_to_num(probs, nan=0.0)  # fully masked (padding) query rows
+            per_frame = torch.bmm(probs, prep.frame_weight)  # [B, chunk, T_max]
+            self._acc[:, c0:c1] += per_frame * prep.query_valid[:, c0:c1, None]
 
     # -- output ------------------------------------------------------------------------------
     def result(self) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,10 @@ from appo.rl.rollout import Rollout, generate, token_logprobs
 from appo.train import distributed as dist
 from appo.train.common import SkipCounter, clip_gradients, is_lora
 
+# Scratch for APPO's full-vocabulary log-probs at the perception tokens: frames are evaluated
+# as many at a time as fit (all of them for a small vocabulary, one for Qwen's 152k).
+LOGP_BUDGET_BYTES = 256 * 2**20
+
 
 @dataclass
 class Batch:
@@ -322,6 +326,8 @@ class RLTrainer:
         """APPO token weights for each group of the micro-batch (one call per group)."""
         p, g = self.algo.perception, self.cfg.num_generations
         lm_head = self.model.get_output_embeddings()
+        per_frame = g * min(p.K, attn.shape[1]) * lm_head.out_features * 4  # fp32 bytes
+        frame_chunk = max(1, LOGP_BUDGET_BYTES // per_frame)
         weights, infos = [], []
         h_source = hidden if p.weights_grad else hidden.detach()
         for start in range(0, attn.shape[0], g):
@@ -340,7 +346,7 @@ class RLTrainer:
                 attn[sl].to(self.device), mask[sl].bool(), correct[sl].to(self.device), logp_fn,
                 k_avg=p.k_avg, k_f=p.k_f, K=p.K, w_max=p.w_max, select_level=p.select_level,
                 select_strategy=p.select_strategy, weights_grad=p.weights_grad,
-                frame_chunk=1)  # full-vocab log-probs of one frame's G x K tokens at a time
+                frame_chunk=frame_chunk)
             weights.append(w.to(hidden.dtype) if not p.weights_grad else w)
             infos.append(info)
         stats = {

@@ -79,6 +79,10 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
                         FrameStore(frames.out_dir), ref_model=ref_model, optimizer=optimizer,
                         scheduler=scheduler, accelerator=accelerator)
 
+    sharded = accelerator.distributed_type.name == "FSDP"
+    if sharded and cfg.save_every > 0:
+        print("rl: resumable checkpoints are not written under FSDP (sharded optimizer state); "
+              "a crashed FSDP run restarts from the beginning")
     fingerprint = _fingerprint(cfg, algo_name, seed)
     start, run_id, elapsed = 0, None, 0.0
     latest = common.latest_checkpoint(ckpt_root)
@@ -110,16 +114,19 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
             log.log_metrics(metrics, step)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
             done = step + 1
-            if main and cfg.save_every > 0 and done % cfg.save_every == 0 and done < total_steps:
+            if (main and not sharded and cfg.save_every > 0 and done % cfg.save_every == 0
+                    and done < total_steps):
                 common.save_training_state(ckpt_root / f"step-{done}", model, optimizer, scheduler, {
                     "step": done, "sampler_position": trainer.sampler.position,
                     "skips": trainer.skips.state_dict(), "run_id": log.run_id,
                     "fingerprint": fingerprint, "elapsed": time.perf_counter() - t0})
                 common.prune_checkpoints(ckpt_root, keep=2)
+        # FSDP: every process takes part in gathering the full weights; the main one saves them
+        full = accelerator.get_state_dict(policy) if sharded else None
         accelerator.wait_for_everyone()
         if not main:
             return {}
-        common.export_model(model, processor, out / "model")
+        common.export_model(model, processor, out / "model", state_dict=full)
         tail = history[-5:] or [{"reward": float("nan"), "accuracy": float("nan")}]
         summary = {
             "algorithm": algo_name,

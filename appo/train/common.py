@@ -190,12 +190,14 @@ def prepare_for_training(model: torch.nn.Module, *, freeze_vision: bool = True,
 
 
 def export_model(model: torch.nn.Module, processor, out_dir: str | Path,
-                 dtype: torch.dtype | None = None) -> torch.nn.Module:
+                 dtype: torch.dtype | None = None,
+                 state_dict: dict | None = None) -> torch.nn.Module:
     """Save a plain checkpoint loadable by ``load_policy``; returns the exported module.
 
     LoRA adapters are merged into the base weights first (the returned module is the merged
     base model), gradient checkpointing is switched off, and the weights are cast to ``dtype``
-    when given (e.g. back to the start checkpoint's bf16 after fp32 training).
+    when given (e.g. back to the start checkpoint's bf16 after fp32 training). ``state_dict``
+    (full weights gathered from FSDP shards) is written instead of the module's own tensors.
     """
     from appo.models.loading import save_checkpoint
 
@@ -210,7 +212,10 @@ def export_model(model: torch.nn.Module, processor, out_dir: str | Path,
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
-    save_checkpoint(model, processor, out_dir)
+    if state_dict is not None and dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                      for k, v in state_dict.items()}
+    save_checkpoint(model, processor, out_dir, state_dict=state_dict)
     return model
 
 

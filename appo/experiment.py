@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,16 +129,26 @@ def collect_run(outputs: Path, dest: Path, algorithms: Sequence[str]) -> None:
                         shutil.copyfile(src, tmp)
 
 
+def dvc_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> None:
+    """One run: ``dvc repro`` of the variant's eval stages (+ baselines) under MLflow."""
+    from appo.cli import run_pipeline
+
+    targets = [f"eval@{a}" for a in variant.algorithms] + [f"eval@{b}" for b in BASELINES]
+    run_pipeline(targets, project=project, overrides=overrides)
+
+
+Runner = Callable[[Path, Variant, int, list[str]], None]
+
+
 def run_experiment(path: str | Path, *, project: str | Path = ".", only: str | None = None,
-                   aggregate_only: bool = False) -> dict[str, Any]:
-    """Every (variant, seed) of the experiment through the DVC pipeline, then the aggregate.
+                   aggregate_only: bool = False, runner: Runner = dvc_runner) -> dict[str, Any]:
+    """Every (variant, seed) of the experiment through ``runner`` (default: the DVC pipeline;
+    the Prefect flow passes its pipeline sub-flow), results collected, then the aggregate.
 
     ``only`` runs a single variant; ``aggregate_only`` just rebuilds the tables from what ran.
     """
-    from appo.cli import run_pipeline
-
-    exp = Experiment.load(path)
     project = Path(project).resolve()
+    exp = Experiment.load(project / path)
     root = project / "outputs" / "experiments"
     if not aggregate_only:
         runs = [(v, s) for v, s in exp.runs() if only is None or v.name == only]
@@ -147,9 +157,7 @@ def run_experiment(path: str | Path, *, project: str | Path = ".", only: str | N
         for i, (variant, seed) in enumerate(runs, 1):
             print(f"experiment {exp.name}: run {i}/{len(runs)}: {variant.name} seed {seed}",
                   flush=True)
-            targets = [f"eval@{a}" for a in variant.algorithms] + [f"eval@{b}" for b in BASELINES]
-            run_pipeline(targets, project=project,
-                         overrides=run_overrides(exp, variant, seed))
+            runner(project, variant, seed, run_overrides(exp, variant, seed))
             collect_run(project / "outputs", run_dir(root, exp, variant, seed),
                         variant.algorithms)
     return aggregate(exp, root / exp.name)
@@ -223,15 +231,16 @@ def aggregate(exp: Experiment, root: Path) -> dict[str, Any]:
                 "train_time_s": mean_ci(times)[0] if times else None,
                 "final_reward": mean_ci(rewards)[0] if rewards else None,
             }
-            for base in BASELINES:
-                ev = _read(run_dir(root.parent, exp, variant, variant.seeds[0]) / base
-                           / "eval_metrics.json")
-                if ev is not None and base not in baselines:
-                    bench = ev.get("benchmarks", {}).get(exp.split, ev.get("overall", {}))
-                    baselines[base] = {
-                        "accuracy": bench["accuracy"], "ci95": bench.get("ci95"),
-                        "families": {f: s["accuracy"] for f, s in ev.get("by_family", {}).items()},
-                        "perception_hit_rate": ev.get("overall", {}).get("perception_hit_rate")}
+    for base in BASELINES:  # seed-independent: the first run that has them
+        for variant, seed in exp.runs():
+            ev = _read(run_dir(root.parent, exp, variant, seed) / base / "eval_metrics.json")
+            if ev is not None:
+                bench = ev.get("benchmarks", {}).get(exp.split, ev.get("overall", {}))
+                baselines[base] = {
+                    "accuracy": bench["accuracy"], "ci95": bench.get("ci95"),
+                    "families": {f: s["accuracy"] for f, s in ev.get("by_family", {}).items()},
+                    "perception_hit_rate": ev.get("overall", {}).get("perception_hit_rate")}
+                break
     main = [a for a in exp.algorithms if a in table]
     differences = {}
     for i, a in enumerate(main):

@@ -2,9 +2,8 @@
 
 Each (variant, seed) of the experiment is one run of the ``appo-pipeline`` flow (one task per
 DVC stage, shared DVC cache, one MLflow parent run) with the run's overrides, named
-``<variant>-seed<s>`` in the UI; its results are collected and the aggregate table
-(:mod:`appo.experiment`) is printed at the end. The same runs as
-``python -m appo experiment FILE``.
+``<variant>-seed<s>`` in the UI; :func:`appo.experiment.run_experiment` collects the results
+and builds the aggregate table, as for ``python -m appo experiment FILE``.
 
     python -m flows.experiment experiments/headline.yaml
 """
@@ -16,15 +15,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from appo.experiment import (
-    Experiment,
-    aggregate,
-    collect_run,
-    render_markdown,
-    run_dir,
-    run_overrides,
-)
+from appo.experiment import Variant, render_markdown, run_experiment
 from flows.pipeline import pipeline
+
+
+def _pipeline_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> None:
+    pipeline.with_options(flow_run_name=f"{variant.name}-seed{seed}")(
+        algorithms=variant.algorithms, overrides=overrides, project_dir=str(project))
 
 
 @flow(name="appo-experiment", log_prints=True)
@@ -37,17 +34,7 @@ def experiment(file: str = "experiments/headline.yaml", only: str | None = None,
         only: run just this variant (the aggregate still covers everything collected).
         project_dir: the project (the folder holding dvc.yaml).
     """
-    project = Path(project_dir).resolve()
-    exp = Experiment.load(project / file)
-    root = project / "outputs" / "experiments"
-    for variant, seed in exp.runs():
-        if only is not None and variant.name != only:
-            continue
-        pipeline.with_options(flow_run_name=f"{variant.name}-seed{seed}")(
-            algorithms=variant.algorithms, overrides=run_overrides(exp, variant, seed),
-            project_dir=str(project))
-        collect_run(project / "outputs", run_dir(root, exp, variant, seed), variant.algorithms)
-    result = aggregate(exp, root / exp.name)
+    result = run_experiment(file, project=project_dir, only=only, runner=_pipeline_runner)
     print(render_markdown(result))
     return result
 

@@ -118,3 +118,23 @@ def test_aggregate_over_seeds_with_paired_differences(tmp_path):
     assert "| appo | 0,1,2 | 56.0 ± " in md and "grpo-appo: -11.0 ± 4.3 (outside the noise)" in md
     for png in ("reward_curves.png", "accuracy.png"):
         assert (root / "e" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_experiment_calls_the_runner_per_run_and_collects(tmp_path):
+    """The loop shared by the CLI (DVC runner) and the Prefect flow (pipeline sub-flows)."""
+    from appo.experiment import run_experiment
+
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({
+        "name": "e", "seeds": [0, 1], "algorithms": ["appo"], "set": ["rl.lr=1e-4"]}))
+    calls = []
+
+    def runner(project, variant, seed, overrides):
+        calls.append((variant.name, seed, overrides))
+        _fake_outputs(project / "outputs", {"sft": 0.3, "appo": 0.4 + 0.1 * seed})
+
+    result = run_experiment("e.yaml", project=tmp_path, runner=runner)
+    assert calls == [("main", s, ["rl.lr=1e-4", f"rl.seed={s}", "eval.splits=[test]"])
+                     for s in (0, 1)]
+    assert result["table"]["appo"]["accuracy"][0] == pytest.approx(0.45)
+    with pytest.raises(ConfigError, match="no variant named 'x'"):
+        run_experiment("e.yaml", project=tmp_path, runner=runner, only="x")

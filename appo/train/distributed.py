@@ -43,23 +43,20 @@ def local_count(total: int, world: int, what: str) -> int:
 
 def max_across(value: int, accelerator) -> int:
     """The largest ``value`` over all processes (e.g. the prompts any process still needs)."""
-    if rank_and_world(accelerator)[1] == 1:
-        return value
-    t = torch.tensor([value], device=accelerator.device)
-    return int(_all_reduce(t, torch.distributed.ReduceOp.MAX).item())
+    return _reduce_int(value, "MAX", accelerator)
 
 
 def all_true(flag: bool, accelerator) -> bool:
     """True only if ``flag`` holds on every process (e.g. every local loss is finite)."""
+    return bool(_reduce_int(int(bool(flag)), "MIN", accelerator))
+
+
+def _reduce_int(value: int, op: str, accelerator) -> int:
     if rank_and_world(accelerator)[1] == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=accelerator.device)
-    return bool(_all_reduce(t, torch.distributed.ReduceOp.MIN).item())
-
-
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    torch.distributed.all_reduce(t, op=op)
-    return t
+        return value
+    t = torch.tensor([value], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
+    return int(t.item())
 
 
 def combine_metrics(metrics: Mapping[str, float], accelerator) -> dict[str, float]:

@@ -87,6 +87,7 @@ class ModelPreset:
     gradient_checkpointing: bool
     vocab_size: int | None = None  # None: the tiny tokenizer's vocabulary
     fullatt_blocks: tuple[int, ...] | None = None  # vision blocks with full attention
+    tied_embeddings: bool = True  # lm_head shares the embedding matrix (3B); 7B has its own
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -165,6 +166,7 @@ def build_model(preset: ModelPreset, device: torch.device, dtype: torch.dtype):
         config.text_config.vocab_size = preset.vocab_size
     if preset.fullatt_blocks is not None:
         config.vision_config.fullatt_block_indexes = list(preset.fullatt_blocks)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = preset.tied_embeddings
     torch.manual_seed(preset.arch.seed)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(

@@ -51,3 +51,27 @@ def test_rl_step_benchmark_table(tmp_path, capsys):
     assert saved["columns"] == list(bench.COLUMNS)
     assert set(saved["summary"]) == {"grpo", "dapo", "appo", "authors"}
     assert len(saved["samples"]["appo"]) == 1
+
+
+def test_rollout_benchmark_table(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_rollout", SCRIPT.parent / "rollout.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rollout.json"
+    result = bench.main(["--device", "cpu", "--threads", "1", "--reps", "1", "--generations", "2",
+                         "--max-new-tokens", "5", "--frames", "4", "--frame-size", "56",
+                         "--variants", "hf,dynamic", "--bandwidth-gbs", "10", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert [row[0] for row in result["table"]] == [bench.VARIANTS["hf"], bench.VARIANTS["dynamic"]]
+    assert all(len(row) == len(bench.COLUMNS) for row in result["table"])
+    for name in ("hf", "dynamic"):
+        row = result["summary"][name]
+        assert row["tokens_per_s"] > 0 and row["ms_per_step"] >= 0
+        # 2 samples x 5 tokens generated in rollout_s seconds
+        assert abs(row["tokens_per_s"] * row["rollout_s"] - 10) < 1e-6
+        assert row["bound_ms"] > 0 and row["compile_s"] is None
+    assert "dynamic / HF generate throughput" in result["ratios"]
+    assert "| " + " | ".join(bench.COLUMNS) + " |" in printed
+    assert json.loads(out.read_text())["columns"] == list(bench.COLUMNS)

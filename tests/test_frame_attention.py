@@ -62,6 +62,8 @@ def batch(tiny_policy, synthetic_data):
     inputs = dict(prompts)
     inputs["input_ids"] = torch.cat([prompts["input_ids"], response], 1)
     inputs["attention_mask"] = torch.cat([prompts["attention_mask"], mask], 1)
+    types = prompts["mm_token_type_ids"]  # response tokens are text
+    inputs["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(response, dtype=types.dtype)], 1)
     return inputs, P
 
 

@@ -11,6 +11,7 @@ import torch
 from appo.config import AlgorithmConfig, PerceptionConfig, RLConfig, TemporalConfig
 from appo.data.collate import encode_prompts
 from appo.rl.rollout import (
+    concat_rollouts,
     generate,
     repeat_prompts,
     response_mask_from_ids,
@@ -67,6 +68,35 @@ def test_training_logprobs_match_generation_logprobs(tiny_policy, synthetic_data
     mask = rollout.response_mask
     torch.testing.assert_close(logp * mask, rollout.logprobs, atol=1e-5, rtol=0)
     assert hidden.shape[:2] == rollout.response_ids.shape
+
+
+def test_forwards_use_multimodal_rotary_positions(tiny_policy, synthetic_data):
+    """The prompt batch and every rollout carry mm_token_type_ids, so the model builds its (t, h, w)
+    rotary positions: video tokens of one frame share a time index, positions then advance slower
+    than tokens, and the stored rope delta is negative (1-D text positions would give 0)."""
+    model, processor = tiny_policy
+    _, store, records = synthetic_data
+    batch = encode_prompts(processor, records["rl"][:2], store)
+    types = batch["mm_token_type_ids"]
+    assert torch.equal(types != 0, batch["input_ids"] == model.config.video_token_id)
+    model.model.rope_deltas = None
+    with torch.no_grad():
+        model(**batch)
+    assert model.model.rope_deltas is not None and (model.model.rope_deltas < 0).all()
+
+    torch.manual_seed(0)
+    parts = [generate(model, processor, encode_prompts(processor, records["rl"][i:i + 1], store),
+                      num_samples=2, max_new_tokens=n) for i, n in ((0, 3), (1, 5))]
+    inputs = parts[0].model_inputs()
+    assert inputs["mm_token_type_ids"].shape == inputs["input_ids"].shape
+    assert (inputs["mm_token_type_ids"][:, parts[0].prompt_ids.shape[1]:] == 0).all()
+    joined = concat_rollouts(parts, processor.tokenizer.pad_token_id)
+    rows = joined.model_inputs()
+    assert rows["mm_token_type_ids"].shape == rows["input_ids"].shape
+    # each row's types still mark exactly its video tokens after re-padding and selection
+    assert torch.equal(rows["mm_token_type_ids"] != 0, rows["input_ids"] == model.config.video_token_id)
+    picked = joined.select(torch.tensor([3])).model_inputs()
+    assert torch.equal(picked["mm_token_type_ids"], rows["mm_token_type_ids"][3:4])
 
 
 def test_prompt_sampler_is_seeded_and_resumable():

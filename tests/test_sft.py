@@ -68,6 +68,10 @@ def test_loss_mask_covers_exactly_the_target_tokens(tiny_policy, synthetic_data)
         assert torch.equal(labels[i][target], ids[i][target])
         assert processor.tokenizer.decode(ids[i][target]) == target_text(qa) + "<|im_end|>"
         assert bool((labels[i][mask[i] == 0] == -100).all())
+    # token types stay aligned with the re-padded ids: video exactly at video tokens, targets text
+    types = batch["mm_token_type_ids"]
+    assert types.shape == ids.shape
+    assert torch.equal(types != 0, ids == model.config.video_token_id)
     loss_sum, count = sft.compute_loss(model, batch)
     assert count == sft.count_targets(labels) == int((labels[:, 1:] != -100).sum())
     with torch.no_grad():

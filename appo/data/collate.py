@@ -18,6 +18,10 @@ from appo.data.schema import VideoQA
 
 VISUAL_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
                "pixel_values", "image_grid_thw")
+# Per-token type of each prompt position (0 text, 1 image, 2 video). Qwen2.5-VL builds its
+# multimodal (t, h, w) rotary positions from it; without it every forward falls back to plain
+# 1-D text positions for the video tokens.
+TOKEN_TYPES = "mm_token_type_ids"
 
 
 def prompt_texts(processor, records: Sequence[VideoQA]) -> list[str]:
@@ -50,7 +54,8 @@ def encode_prompts(processor, records: Sequence[VideoQA], store: FrameStore,
         return_tensors="pt",
         videos_kwargs={"video_metadata": [v.metadata() for v in videos], "do_sample_frames": False},
     )
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask") + VISUAL_KEYS}
+    return {k: v for k, v in batch.items()
+            if k in ("input_ids", "attention_mask", TOKEN_TYPES) + VISUAL_KEYS}
 
 
 def _load_image(path: str):
@@ -75,18 +80,24 @@ def append_targets(batch: dict, targets: Sequence[str], tokenizer) -> dict:
     """Append tokenized targets (+ end-of-turn) to left-padded prompts; labels only on targets.
 
     Returns a new batch with ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the
-    target tokens), left-padded, plus the unchanged visual inputs.
+    target tokens), left-padded, the token types (targets are text), and the unchanged visual
+    inputs.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    types = batch.get(TOKEN_TYPES)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows, label_rows = [], []
-    for prompt, keep, target in zip(ids, mask, targets):
+    rows, label_rows, type_rows = [], [], []
+    for i, (prompt, keep, target) in enumerate(zip(ids, mask, targets)):
         prompt = prompt[keep]
         tgt = torch.tensor(tokenizer(target, add_special_tokens=False)["input_ids"] + [end])
         rows.append(torch.cat([prompt, tgt]))
         label_rows.append(torch.cat([torch.full_like(prompt, -100), tgt]))
+        if types is not None:
+            type_rows.append(torch.cat([types[i][keep], torch.zeros_like(tgt, dtype=types.dtype)]))
     input_ids, attention_mask = pad_left(rows, tokenizer.pad_token_id)
     labels, _ = pad_left(label_rows, -100)
     out = {k: v for k, v in batch.items() if k in VISUAL_KEYS}
     out.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    if types is not None:
+        out[TOKEN_TYPES], _ = pad_left(type_rows, 0)
     return out

@@ -68,6 +68,7 @@ def evaluate(
     missing: str = "wrong",
     hit_rate_fn: HitRateFn | None = None,
     progress: bool = True,
+    cache: str = "auto",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Greedy-decode every question and score it; returns ``(rows, report)``.
 
@@ -77,7 +78,8 @@ def evaluate(
     missing), ``answer`` (extracted), ``choice`` (multiple choice), ``correct``, ``reward``,
     ``iou`` (None without gold time spans), ``pred_spans`` (with gold spans), ``truncated``
     (no end-of-turn within ``max_new_tokens``), ``missing`` and ``perception_hit`` (None
-    unless ``hit_rate_fn`` is given). Rows follow the order of ``records``.
+    unless ``hit_rate_fn`` is given). Rows follow the order of ``records``. ``cache``: the
+    rollout engine's KV cache (:func:`appo.rl.rollout.resolve_cache`).
 
     ``report``: ``benchmark``, ``missing_policy``, ``n_records``, ``n_scored`` (rows returned),
     ``n_excluded`` and ``missing`` (a list of ``{"problem_id", "benchmark", "reason"}``).
@@ -104,7 +106,7 @@ def evaluate(
             batch_records = [records[i] for i in idx]
             batch = encode_prompts(processor, batch_records, store)
             rollout = generate(model, processor, batch, num_samples=1,
-                               max_new_tokens=max_new_tokens, greedy=True)
+                               max_new_tokens=max_new_tokens, greedy=True, cache=cache)
             hits: Sequence[bool | None] = [None] * len(idx)
             if hit_rate_fn is not None:
                 hits = list(hit_rate_fn(model, processor, batch_records, rollout, store))

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from appo.data.collate import VISUAL_KEYS
+from appo.data.collate import TOKEN_TYPES, VISUAL_KEYS
+from appo.rl.decoding import Sampling, decoder_for
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Rollout:
     texts: list[str]
     visual: dict[str, torch.Tensor] = field(default_factory=dict)  # repeated per response
     group_size: int = 1
+    prompt_types: torch.Tensor | None = None  # [B*G, P] mm_token_type_ids (multimodal rotary)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -36,20 +38,48 @@ class Rollout:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Inputs of the full prompt+response sequences, for scoring and training forwards."""
-        return {
+        inputs = {
             "input_ids": torch.cat([self.prompt_ids, self.response_ids], 1),
             "attention_mask": torch.cat([self.prompt_mask, self.response_mask.long()], 1),
             **self.visual,
         }
+        if self.prompt_types is not None:  # response tokens are text
+            inputs[TOKEN_TYPES] = torch.cat(
+                [self.prompt_types, torch.zeros_like(self.response_ids, dtype=self.prompt_types.dtype)], 1)
+        return inputs
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """The rollout restricted to ``rows`` (e.g. the groups kept by dynamic sampling)."""
         rows = rows.to(self.prompt_ids.device)
         idx = rows.tolist()
         visual = _select_visual(self.visual, idx)
+        types = None if self.prompt_types is None else self.prompt_types[rows]
         return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
                        self.response_mask[rows], self.logprobs[rows], self.truncated[rows],
-                       [self.texts[i] for i in idx], visual, self.group_size)
+                       [self.texts[i] for i in idx], visual, self.group_size, types)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Join rollouts of different prompt/response lengths (left-pad prompts, right-pad responses)."""
+    if len(parts) == 1:
+        return parts[0]
+    p = max(r.prompt_ids.shape[1] for r in parts)
+    n = max(r.response_ids.shape[1] for r in parts)
+
+    def left(xs, value):
+        return torch.cat([torch.nn.functional.pad(x, (p - x.shape[1], 0), value=value) for x in xs])
+
+    def right(xs, value):
+        return torch.cat([torch.nn.functional.pad(x, (0, n - x.shape[1]), value=value) for x in xs])
+
+    visual = {key: torch.cat([r.visual[key] for r in parts]) for key in parts[0].visual}
+    types = None if parts[0].prompt_types is None else left([r.prompt_types for r in parts], 0)
+    return Rollout(
+        left([r.prompt_ids for r in parts], pad_id), left([r.prompt_mask for r in parts], 0),
+        right([r.response_ids for r in parts], pad_id), right([r.response_mask for r in parts], 0),
+        right([r.logprobs for r in parts], 0), torch.cat([r.truncated for r in parts]),
+        [t for r in parts for t in r.texts], visual, parts[0].group_size, types,
+    )
 
 
 # (patch-row tensor, its grid tensor): pixel rows of all samples are concatenated.
@@ -71,13 +101,25 @@ def _select_visual(visual: dict[str, torch.Tensor], rows: list[int]) -> dict[str
     return out
 
 
+def select_prompts(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """The prompt batch made of ``rows`` (repeats allowed), each with its own video patches."""
+    out = _select_visual({k: v for k, v in batch.items() if k in VISUAL_KEYS}, rows)
+    index = torch.tensor(rows, device=batch["input_ids"].device)
+    for key in ("input_ids", "attention_mask", TOKEN_TYPES):
+        if key in batch:
+            out[key] = batch[key][index]
+    return out
+
+
 def repeat_prompts(batch: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
     """Each prompt (and its video patches) repeated ``times`` times, consecutively."""
-    rows = torch.arange(batch["input_ids"].shape[0]).repeat_interleave(times)
-    out = _select_visual({k: v for k, v in batch.items() if k in VISUAL_KEYS}, rows.tolist())
-    out["input_ids"] = batch["input_ids"][rows]
-    out["attention_mask"] = batch["attention_mask"][rows]
-    return out
+    return select_prompts(batch, [i for i in range(batch["input_ids"].shape[0]) for _ in range(times)])
+
+
+def row_bucket(rows: int) -> int:
+    """Prompt rows a static-cache rollout runs with: the next power of two, so the batch sizes of
+    DAPO's later sampling rounds and of a last evaluation batch reuse a few compiled shapes."""
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 MEDIA_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
@@ -105,17 +147,30 @@ def response_mask_from_ids(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torc
 
 CACHE_MODES = ("auto", "static", "dynamic")
 _announced: set[str] = set()
+_compile_failed: list[str] = []  # the first compilation error: static decoding is off after it
+
+
+def _fallback(err: Exception) -> None:
+    """Compiled static decoding failed (unsupported torch/transformers/device): use the dynamic
+    cache for the rest of the run, and say so once."""
+    if not _compile_failed:
+        _compile_failed.append(f"{type(err).__name__}: {err}".splitlines()[0][:300])
+        print(f"rollout: compiled static decoding unavailable ({_compile_failed[0]}); "
+              "falling back to the dynamic KV cache")
 
 
 def resolve_cache(cache: str, device: torch.device) -> str:
     """``auto`` -> a static KV cache with compiled decoding on CUDA, the dynamic cache elsewhere.
 
-    On CUDA, HF ``generate`` compiles the decoding step once per input shape for a static
-    cache (performance-anchors: 2x faster decoding for 7B); on CPU compilation buys nothing.
+    On CUDA the one-token decoding step is compiled once (CUDA graphs) and replayed, which
+    halves decoding time for 7B (performance-anchors); on CPU compilation buys little. After a
+    compilation failure every later call resolves to ``dynamic``.
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"rollout cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     resolved = cache if cache != "auto" else ("static" if device.type == "cuda" else "dynamic")
+    if resolved == "static" and _compile_failed:
+        resolved = "dynamic"
     if resolved not in _announced:
         _announced.add(resolved)
         print(f"rollout: {resolved} KV cache"
@@ -132,6 +187,8 @@ def pad_to_bucket(inputs: dict[str, torch.Tensor], bucket: int, pad_id: int) -> 
     out = dict(inputs)
     out["input_ids"] = torch.nn.functional.pad(inputs["input_ids"], (extra, 0), value=pad_id)
     out["attention_mask"] = torch.nn.functional.pad(inputs["attention_mask"], (extra, 0), value=0)
+    if TOKEN_TYPES in inputs:
+        out[TOKEN_TYPES] = torch.nn.functional.pad(inputs[TOKEN_TYPES], (extra, 0), value=0)
     return out
 
 
@@ -149,48 +206,49 @@ def generate(
     cache: str = "dynamic",
     bucket: int = 64,
 ) -> Rollout:
-    """Sample ``num_samples`` responses per prompt with the KV-cached, batched ``generate``.
+    """Sample ``num_samples`` responses per prompt: the rollout engine of RL and evaluation.
 
-    Sampling log-probs are log_softmax(logits / temperature) of the sampled token (top-p only
-    decides which tokens may be drawn), the same quantity the training forward computes, so
-    the importance ratio starts at exactly 1 for mu = 1. ``cache``: see :func:`resolve_cache`;
-    with a static cache the prompts are left-padded to a multiple of ``bucket`` tokens.
+    Each prompt is prefilled once and its KV cache shared by its samples
+    (:mod:`appo.rl.decoding`). Sampling log-probs are log_softmax(logits / temperature) of the
+    sampled token (top-p only decides which tokens may be drawn), the quantity the training
+    forward computes, so the importance ratio starts at exactly 1 and mu = 1 needs no scoring
+    forward. ``cache``: see :func:`resolve_cache`; with a static cache the prompts are
+    left-padded to a multiple of ``bucket`` tokens so compiled shapes repeat across steps.
     """
     device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id
-    cache = resolve_cache(cache, device)
-    inputs = repeat_prompts(batch, num_samples)
-    if cache == "static":
-        inputs = pad_to_bucket(inputs, bucket, pad)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    mode = resolve_cache(cache, device)
+    real = batch["input_ids"].shape[0]
+    prompts = batch
+    if mode == "static":  # fixed shapes: bucketed prompt length and row count (extra rows: copies)
+        prompts = pad_to_bucket(batch, bucket, pad)
+        prompts = select_prompts(prompts, list(range(real)) + [0] * (row_bucket(real) - real))
+    prompts = {k: v.to(device) for k, v in prompts.items()}
     stops = stop_token_ids(processor)
-    out = model.generate(
-        **inputs,
-        do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_p=top_p if not greedy else None,
-        top_k=0 if not greedy else None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stops,
-        pad_token_id=pad,
-        suppress_tokens=media_token_ids(processor),
-        cache_implementation="static" if cache == "static" else None,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    prompt_len = inputs["input_ids"].shape[1]
-    response = out.sequences[:, prompt_len:]
+    request = dict(num_samples=num_samples, max_new_tokens=max_new_tokens,
+                   sampling=Sampling(temperature, top_p, greedy), stop_ids=stops, pad_id=pad,
+                   suppress_ids=media_token_ids(processor))
+    decoder = decoder_for(model, mode)
+    try:
+        response, logprobs = decoder.sample(prompts, **request)
+        response, logprobs = response[:real * num_samples], logprobs[:real * num_samples]
+        prompts = select_prompts(prompts, list(range(real))) if mode == "static" else prompts
+    except torch._dynamo.exc.TorchDynamoException as err:  # compilation unavailable here
+        if not decoder.compiled:
+            raise
+        _fallback(err)
+        return generate(model, processor, batch, num_samples=num_samples,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        greedy=greedy, cache="dynamic")
     mask, truncated = response_mask_from_ids(response, stops)
     response = torch.where(mask.bool(), response, torch.full_like(response, pad))
-    logits = torch.stack(out.logits, 1).float()  # [B*G, N, V] raw logits of every step
-    scale = 1.0 if greedy else temperature
-    logprobs = torch.log_softmax(logits / scale, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
     texts = processor.tokenizer.batch_decode(
         [r[m.bool()] for r, m in zip(response, mask)], skip_special_tokens=False)
     texts = [_strip_stop(t, processor) for t in texts]
+    inputs = repeat_prompts(prompts, num_samples)
     visual = {k: v for k, v in inputs.items() if k in VISUAL_KEYS}
     return Rollout(inputs["input_ids"], inputs["attention_mask"], response, mask,
-                   logprobs * mask, truncated, texts, visual, num_samples)
+                   logprobs * mask, truncated, texts, visual, num_samples, inputs.get(TOKEN_TYPES))
 
 
 def _strip_stop(text: str, processor) -> str:

@@ -31,7 +31,7 @@ from appo.data.schema import VideoQA
 from appo.rl import objectives, temporal
 from appo.rl.perception import perception_weights
 from appo.rl.rewards import RewardSpec, score_responses
-from appo.rl.rollout import Rollout, generate, token_logprobs
+from appo.rl.rollout import Rollout, concat_rollouts, generate, token_logprobs
 from appo.train import distributed as dist
 from appo.train.common import SkipCounter, clip_gradients, is_lora
 
@@ -106,35 +106,6 @@ def shaped_rewards(rollout: Rollout, records: Sequence[VideoQA], reward_fn: Rewa
         total = total + extra
         metrics["reward/length"] = float(extra.mean())
     return total, accuracy, metrics
-
-
-def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Join rollouts of different prompt/response lengths (left-pad prompts, right-pad responses)."""
-    if len(parts) == 1:
-        return parts[0]
-    p = max(r.prompt_ids.shape[1] for r in parts)
-    n = max(r.response_ids.shape[1] for r in parts)
-
-    def left(x, width, value):
-        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
-
-    def right(x, width, value):
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-    visual: dict[str, torch.Tensor] = {}
-    for key in parts[0].visual:
-        visual[key] = torch.cat([r.visual[key] for r in parts])
-    return Rollout(
-        torch.cat([left(r.prompt_ids, p, pad_id) for r in parts]),
-        torch.cat([left(r.prompt_mask, p, 0) for r in parts]),
-        torch.cat([right(r.response_ids, n, pad_id) for r in parts]),
-        torch.cat([right(r.response_mask, n, 0) for r in parts]),
-        torch.cat([right(r.logprobs, n, 0) for r in parts]),
-        torch.cat([r.truncated for r in parts]),
-        [t for r in parts for t in r.texts],
-        visual,
-        parts[0].group_size,
-    )
 
 
 class RLTrainer:
@@ -245,7 +216,7 @@ class RLTrainer:
             correct.append(ok)
         if not kept:  # every group had equal rewards: fall back to the last rollout (zero advantage)
             kept, kept_rows, rewards, correct = [rollout], rows, [total], [ok]
-        merged = _concat_rollouts(kept, self.processor.tokenizer.pad_token_id)
+        merged = concat_rollouts(kept, self.processor.tokenizer.pad_token_id)
         reward = torch.cat(rewards)
         n_groups = merged.prompt_ids.shape[0] // g
         if n_groups > self.local_prompts:  # a final round may overshoot; keep whole groups

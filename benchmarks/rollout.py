@@ -192,8 +192,8 @@ def _measure(args, device, dtype, model, batch, runner: Runner, variants: list[s
         f"device: {rb._device_name(device)}, dtype {str(dtype).replace('torch.', '')}, torch "
         f"{torch.__version__}, transformers {rb._transformers_version()}",
         f"model: {args.model}, random-init Qwen2.5-VL, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params "
-        f"({lm_params / 1e9:.2f} B language model = {weight_bytes / 1e9:.2f} GB read per step); "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M params "
+        f"({lm_params / 1e6:,.1f} M language model = {weight_bytes / 1e6:,.1f} MB read per step); "
         f"text hidden {text.hidden_size} x {text.num_hidden_layers} layers, vocab {text.vocab_size}",
         f"rollout: {args.prompts} prompt(s) x G={args.generations}, {args.frames} frames "
         f"{args.frame_size}x{args.frame_size} -> {video_tokens} video tokens, prompt length "

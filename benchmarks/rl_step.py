@@ -4,9 +4,9 @@ Every variant works on the same seeded batch: P prompts (random uint8 frames, no
 sampled responses. For each algorithm preset of ``params.yaml`` (``rl.algorithms``, dynamic
 sampling switched off so every variant does exactly one rollout round of identical work):
 
-* rollout: :meth:`RLTrainer.collect` (prompt encoding + SDPA ``generate`` with the KV cache of
-  ``rl.rollout_cache`` -- ``auto``: static + compiled decoding on CUDA, dynamic on CPU -- +
-  rewards), its time, generated tokens/s and peak memory;
+* rollout: :meth:`RLTrainer.collect` (prompt encoding + the rollout engine: shared prefill,
+  SDPA, the KV cache of ``rl.rollout_cache`` -- ``auto``: static + compiled decoding on CUDA,
+  dynamic on CPU -- + rewards), its time, generated tokens/s and peak memory;
 * step: the update phase of :meth:`RLTrainer.train_step` on the SAME collected batch (fresh
   optimizer; loss + backward over the micro-batches + optimizer step; GRPO's reference-model
   forward included, and its reference copy counted in the memory);
@@ -740,7 +740,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     print()
     for key, value in rat.items():
         print(f"- {key}: {_fmt(value)}")
-    print("- rollout: collect() = prompt encoding + SDPA generate + rewards; step: update phase "
+    print("- rollout: collect() = prompt encoding + rollout engine + rewards; step: update phase "
           "on the shared batch (loss + backward + optimizer, GRPO's reference forward "
           "included); peak MiB: extra over the resident policy + batch; frame-attn: APPO's "
           "capture hooks (authors: the post-hoc per-step, per-frame loop); weights: APPO's "

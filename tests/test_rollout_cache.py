@@ -182,3 +182,19 @@ def test_failed_compilation_falls_back_to_the_dynamic_cache(perturbed_policy, sy
     plain = generate(model, processor, batch, max_new_tokens=6, greedy=True, cache="dynamic")
     assert torch.equal(out.response_ids, plain.response_ids)
     assert resolve_cache("static", torch.device("cpu")) == "dynamic"  # for the rest of the run
+
+
+def test_the_decoder_registry_does_not_keep_models_alive(tiny_policy, synthetic_data):
+    import gc
+    import weakref
+
+    model, processor = tiny_policy
+    model = copy.deepcopy(model)
+    _, store, records = synthetic_data
+    generate(model, processor, encode_prompts(processor, records["test"][:1], store),
+             max_new_tokens=2, greedy=True)
+    assert model in decoding._decoders
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -94,7 +94,8 @@ class Decoder:
     def __init__(self, model, mode: str = "dynamic", compile_mode: str | None = "auto") -> None:
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
-        self.model, self.mode = model, mode
+        # weak: the per-model registry below must not keep a model alive through its decoder
+        self._model, self.mode = weakref.ref(model), mode
         self.cache_kw = _cache_kwarg(model)
         self._static = None  # StaticCache reused while (rows, length, dtype, device) stay the same
         self._static_key: tuple | None = None
@@ -105,6 +106,13 @@ class Decoder:
                 compile_mode = "reduce-overhead" if device.type == "cuda" else "default"
             self._step_fn = torch.compile(self._forward_step, mode=compile_mode, dynamic=False)
         self.compiled = self._step_fn is not self._forward_step
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the decoder's model no longer exists")
+        return model
 
     # -- one step -------------------------------------------------------------------------------
     def _forward_step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,

@@ -198,3 +198,25 @@ def test_the_decoder_registry_does_not_keep_models_alive(tiny_policy, synthetic_
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_checking_for_stops_every_few_steps_only_appends_padding(perturbed_policy, synthetic_data,
+                                                                 monkeypatch):
+    """On CUDA the loop reads "all rows stopped?" every 8 steps: the extra steps emit padding
+    after every row's stop token, and the rollout is otherwise identical."""
+    model, processor = perturbed_policy
+    _, store, records = synthetic_data
+    batch = encode_prompts(processor, records["test"][:2], store)
+    stops, pad = stop_token_ids(processor), processor.tokenizer.pad_token_id
+    stop_now = lambda logits, sampling, suppress=None: (  # noqa: E731
+        torch.full((logits.shape[0],), stops[0]), torch.zeros(logits.shape[0]))
+    out = {}
+    for every in (1, 4):
+        decoder = decoding.Decoder(model, "dynamic")
+        decoder.stop_check_every = every
+        monkeypatch.setattr(decoding, "sample_next", stop_now)  # every row stops at once
+        tokens, _ = decoder.sample(batch, num_samples=2, max_new_tokens=10,
+                                   sampling=Sampling(greedy=True), stop_ids=stops, pad_id=pad)
+        out[every] = tokens
+    assert out[1].shape == (4, 1) and out[4].shape == (4, 4)
+    assert torch.equal(out[4][:, :1], out[1]) and (out[4][:, 1:] == pad).all()

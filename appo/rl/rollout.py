@@ -214,6 +214,8 @@ def generate(
     forward computes, so the importance ratio starts at exactly 1 and mu = 1 needs no scoring
     forward. ``cache``: see :func:`resolve_cache`; with a static cache the prompts are
     left-padded to a multiple of ``bucket`` tokens so compiled shapes repeat across steps.
+    Another backend (e.g. vLLM) plugs in as a decoder with the same ``sample`` contract:
+    prompt batch in, group-major (tokens, sampling log-probs) out.
     """
     device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id

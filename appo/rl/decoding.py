@@ -73,8 +73,8 @@ def sample_next(logits: torch.Tensor, sampling: Sampling,
     return token, logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
-def _unwrap(model) -> torch.nn.Module:
-    """The transformers model under DDP / peft wrappers."""
+def unwrap(model) -> torch.nn.Module:
+    """The transformers model under DDP / peft (PeftModel) wrappers."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     if hasattr(model, "get_base_model"):
@@ -84,7 +84,7 @@ def _unwrap(model) -> torch.nn.Module:
 
 def _cache_kwarg(model) -> str:
     """The forward's name for the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    params = inspect.signature(_unwrap(model).forward).parameters
+    params = inspect.signature(unwrap(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -126,7 +126,7 @@ class Decoder:
     # -- prefill ------------------------------------------------------------------------------------
     def _prefill(self, inputs: dict[str, torch.Tensor]):
         """(last-position logits [B, V], KV cache of the B prompts, rotary offset [B])."""
-        core = getattr(_unwrap(self.model), "model", None)
+        core = getattr(unwrap(self.model), "model", None)
         if core is not None and hasattr(core, "rope_deltas"):
             core.rope_deltas = None  # never reuse an offset left by an earlier batch
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
@@ -146,7 +146,7 @@ class Decoder:
         keys0 = layers[0].keys
         key = (keys0.shape[0] * repeats, length, keys0.dtype, keys0.device)
         if self._static is None or self._static_key != key:
-            self._static = StaticCache(config=_unwrap(self.model).config, max_cache_len=length)
+            self._static = StaticCache(config=unwrap(self.model).config, max_cache_len=length)
             self._static_key = key
         else:
             self._static.reset()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from appo.data.collate import TOKEN_TYPES, VISUAL_KEYS
-from appo.rl.decoding import Sampling, decoder_for
+from appo.rl.decoding import Sampling, decoder_for, unwrap
 
 
 @dataclass
@@ -220,21 +220,19 @@ def generate(
     device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id
     mode = resolve_cache(cache, device)
-    real = batch["input_ids"].shape[0]
-    prompts = batch
-    if mode == "static":  # fixed shapes: bucketed prompt length and row count (extra rows: copies)
-        prompts = pad_to_bucket(batch, bucket, pad)
-        prompts = select_prompts(prompts, list(range(real)) + [0] * (row_bucket(real) - real))
+    prompts = pad_to_bucket(batch, bucket, pad) if mode == "static" else batch
     prompts = {k: v.to(device) for k, v in prompts.items()}
+    real = prompts["input_ids"].shape[0]
+    decode_inputs = prompts
+    if mode == "static" and row_bucket(real) > real:  # fixed row count: extra rows are copies
+        decode_inputs = select_prompts(prompts, list(range(real)) + [0] * (row_bucket(real) - real))
     stops = stop_token_ids(processor)
     request = dict(num_samples=num_samples, max_new_tokens=max_new_tokens,
                    sampling=Sampling(temperature, top_p, greedy), stop_ids=stops, pad_id=pad,
                    suppress_ids=media_token_ids(processor))
     decoder = decoder_for(model, mode)
     try:
-        response, logprobs = decoder.sample(prompts, **request)
-        response, logprobs = response[:real * num_samples], logprobs[:real * num_samples]
-        prompts = select_prompts(prompts, list(range(real))) if mode == "static" else prompts
+        response, logprobs = decoder.sample(decode_inputs, **request)
     except torch._dynamo.exc.TorchDynamoException as err:  # compilation unavailable here
         if not decoder.compiled:
             raise
@@ -242,6 +240,7 @@ def generate(
         return generate(model, processor, batch, num_samples=num_samples,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         greedy=greedy, cache="dynamic")
+    response, logprobs = response[:real * num_samples], logprobs[:real * num_samples]
     mask, truncated = response_mask_from_ids(response, stops)
     response = torch.where(mask.bool(), response, torch.full_like(response, pad))
     texts = processor.tokenizer.batch_decode(
@@ -284,10 +283,7 @@ def token_logprobs(
 
 def _final_norm(model) -> torch.nn.Module:
     """The language model's final RMSNorm, whose output feeds lm_head (also under peft/DDP)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    if hasattr(model, "get_base_model"):  # a peft PeftModel wraps the transformers model
-        model = model.get_base_model()
+    model = unwrap(model)
     lm = getattr(getattr(model, "model", model), "language_model", None)
     if lm is None or not hasattr(lm, "norm"):
         raise TypeError(f"{type(model).__name__}: cannot find the language model's final norm")

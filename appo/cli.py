@@ -269,9 +269,10 @@ def format_table(df) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
     out = pd.DataFrame(index=df.index)
-    for col in ("pipeline", "variant"):
-        if col in df:
-            out[col] = df[col].map(lambda p: p[:8] if isinstance(p, str) and len(p) > 8 else p)
+    if "pipeline" in df:  # a run id: its first 8 characters (variant names stay whole)
+        out["pipeline"] = df["pipeline"].map(lambda p: p[:8] if isinstance(p, str) else p)
+    if "variant" in df:
+        out["variant"] = df["variant"]
     for col in df.columns:
         if col.startswith("acc/"):
             b = col[4:]

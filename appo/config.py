@@ -181,21 +181,66 @@ def load_yaml(path: str | Path = "params.yaml") -> dict[str, Any]:
     return data
 
 
+#: The published number of perception tokens per crucial frame and response (SEED-Bench-R1,
+#: answers of up to 384 tokens); NExT-GQA uses 512.
+DEFAULT_K = 128
+
+
 @dataclass
 class PerceptionConfig:
-    """APPO's token weighting (../shared/docs/appo-method.md sections 1-3, authors' defaults)."""
+    """APPO's token weighting (../shared/docs/appo-method.md sections 1-3, authors' defaults).
+
+    Perception tokens per crucial frame and response: set at most one of ``K`` (absolute; keep
+    the paper's 128, or 512 for NExT-GQA, with a real model and long answers) and
+    ``K_fraction`` (of ``rl.max_new_tokens``; the paper's 128 of 384 tokens is 1/3). Both set is
+    an error (an override of one must not be silently ignored); neither set means ``K = 128``.
+    :meth:`tokens_per_frame` is the one place that resolves the effective K. With ``K`` at or
+    above the response length every valid token is a perception token of every crucial frame,
+    so the weights no longer depend on where the tokens look.
+
+    ``k_avg`` (15) is capped at a response's valid tokens by :func:`frame_scores`; with short
+    answers (the default 40 tokens) a frame score averages over a good share of the response.
+
+    Controls for the attention signal: ``attention: random`` replaces the policy's frame
+    attention by seeded random scores (no capture forward hooks); ``weights: uniform`` gives
+    every valid token of a group the group's mean APPO weight (same total emphasis, placed by
+    neither attention nor divergence).
+    """
 
     enabled: bool = False
     layers: list[int] = field(default_factory=lambda: [-1, -2, -3])  # decoder layers read
-    k_avg: int = 15  # top-k tokens averaged into a frame score
+    k_avg: int = 15  # top-k tokens averaged into a frame score (capped at the response length)
     k_f: int = 3  # top frames per response
-    K: int = 128  # perception tokens per crucial frame and response
+    K: int | None = None  # perception tokens per crucial frame and response (None: see below)
+    K_fraction: float | None = None  # K = max(1, round(K_fraction * rl.max_new_tokens)), (0, 1]
     w_max: float = 1.7  # weights lie in [1, w_max]
     select_level: str = "all"  # all (code: force-all) | soft (code: hard) | hard (paper only)
     select_strategy: str = "topk-union"  # topk-union | all
+    attention: str = "policy"  # policy (captured frame attention) | random (seeded control)
+    weights: str = "divergence"  # divergence (APPO) | uniform (the group's mean weight, control)
     tau: float = 0.5  # accuracy threshold splitting the group into S1 / S2
     weights_grad: bool = False  # authors' code lets gradient flow through the weights
     query_chunk: int = 128
+
+    def __post_init__(self) -> None:
+        from appo.rl.perception import ATTENTION_SOURCES, WEIGHT_PLACEMENTS
+
+        _one_of("attention", self.attention, ATTENTION_SOURCES)
+        _one_of("weights", self.weights, WEIGHT_PLACEMENTS)
+        if self.K is not None and self.K_fraction is not None:
+            raise ConfigError(f"'K' ({self.K}) and 'K_fraction' ({self.K_fraction}) are both "
+                              "set; set one of them and the other to null")
+        if self.K is not None and self.K < 1:
+            raise ConfigError(f"'K' must be >= 1, got {self.K}")
+        if self.K_fraction is not None and not 0 < self.K_fraction <= 1:
+            raise ConfigError(f"'K_fraction' must be in (0, 1], got {self.K_fraction}")
+
+    def tokens_per_frame(self, max_new_tokens: int) -> int:
+        """The effective K: ``max(1, round(K_fraction * max_new_tokens))`` when ``K_fraction``
+        is set, else ``K`` (default :data:`DEFAULT_K`)."""
+        if self.K_fraction is not None:
+            return max(1, round(self.K_fraction * max_new_tokens))
+        return DEFAULT_K if self.K is None else self.K
 
 
 @dataclass
@@ -349,7 +394,9 @@ class SFTConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged and checked)
     max_bad_steps: int = 3  # more non-finite steps in a row than this -> error
-    freeze_vision: bool = True  # vision tower (ViT + merger) frozen, as in the APPO recipe
+    # vision tower (ViT + merger): true = frozen (the APPO recipe for real checkpoints), false =
+    # trained, auto = trained only for the embedded tiny model, whose tower starts random
+    freeze_vision: bool | str = "auto"
     gradient_checkpointing: bool = False
     lora: bool = False  # LoRA adapters on the language model, merged into the saved weights
     lora_r: int = 16

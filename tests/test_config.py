@@ -48,3 +48,54 @@ def test_missing_or_broken_params_file(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_section(DataConfig, "data", bad)
+
+
+# ---------------------------------------------------------------------- APPO perception knobs
+
+
+def test_perception_K_absolute_or_a_fraction_of_the_response_length():
+    from appo.config import DEFAULT_K, PerceptionConfig
+
+    assert PerceptionConfig().tokens_per_frame(40) == DEFAULT_K == 128  # neither set: the paper's
+    assert PerceptionConfig(K=512).tokens_per_frame(40) == 512
+    assert PerceptionConfig(K_fraction=1 / 3).tokens_per_frame(384) == 128  # the paper's ratio
+    assert PerceptionConfig(K_fraction=0.33).tokens_per_frame(40) == 13  # round(13.2)
+    assert PerceptionConfig(K_fraction=0.01).tokens_per_frame(40) == 1  # at least one token
+    assert PerceptionConfig(K_fraction=1.0).tokens_per_frame(40) == 40
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"K": 128, "K_fraction": 0.33}, r"perception: 'K' \(128\) and 'K_fraction' \(0.33\) are "
+                                         r"both set"),
+        ({"K_fraction": 0.0}, r"'K_fraction' must be in \(0, 1\]"),
+        ({"K_fraction": 1.5}, r"'K_fraction' must be in \(0, 1\]"),
+        ({"K": 0}, r"'K' must be >= 1"),
+        ({"attention": "uniform"}, r"'attention' is 'uniform'; expected one of policy, random"),
+        ({"weights": "random"}, r"'weights' is 'random'; expected one of divergence, uniform"),
+    ],
+)
+def test_bad_perception_knobs_name_the_key(raw, message):
+    from appo.config import PerceptionConfig
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict(PerceptionConfig, raw, "rl.algorithms.appo.perception")
+
+
+def test_appo_control_presets_differ_from_appo_in_one_knob_each():
+    """appo-random / appo-uniform are APPO with exactly one control knob changed, and APPO's
+    K is a fraction of the response length that leaves it below the response length."""
+    import dataclasses
+
+    from appo.config import RLConfig
+
+    cfg = load_section(RLConfig, "rl", "params.yaml")
+    appo = cfg.algorithm("appo")
+    assert (appo.perception.attention, appo.perception.weights) == ("policy", "divergence")
+    assert dataclasses.replace(appo, perception=dataclasses.replace(
+        appo.perception, attention="random")) == cfg.algorithm("appo-random")
+    assert dataclasses.replace(appo, perception=dataclasses.replace(
+        appo.perception, weights="uniform")) == cfg.algorithm("appo-uniform")
+    assert appo.perception.K_fraction is not None
+    assert appo.perception.tokens_per_frame(cfg.max_new_tokens) < cfg.max_new_tokens

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from appo.rl.objectives import (
     aggregate,
+    aggregation_denominator,
     clipped_surrogate,
     group_advantages,
     groups_with_signal,
@@ -261,6 +262,67 @@ def test_policy_loss_unit_weights_match_unweighted(agg: str) -> None:
     # and the unweighted loss is the aggregated clipped surrogate
     per_tok, _ = clipped_surrogate(d["new"], d["old"], d["adv"], 0.2, 0.28)
     close(loss_a.detach(), aggregate(per_tok, d["mask"], agg))
+
+
+def test_aggregation_denominator_counts_tokens_or_rows() -> None:
+    masks = [t([[1, 0]]), t([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()]
+    assert aggregation_denominator(masks, "token-mean") == 8  # 1 + 3 + 4 valid tokens
+    assert aggregation_denominator(masks, "seq-mean-token-mean") == 3  # rows
+    assert aggregation_denominator(masks, "seq-mean-token-sum-norm") == 3
+    assert aggregation_denominator([torch.zeros(2, 3)], "token-mean") == 0  # aggregate clamps
+    close(aggregate(t([[5.0, 7.0]]), t([[0.0, 0.0]]), "token-mean", denominator=0), 0.0)
+    with pytest.raises(ValueError, match="unknown aggregation mode"):
+        aggregation_denominator(masks, "sum")
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_policy_loss_micro_batches_add_up_to_the_whole_batch(agg: str) -> None:
+    """One step's batch split into micro-batches of different token counts (and paddings):
+    with the step's denominator the micro-batch losses and gradients sum to the whole batch's.
+
+    3 responses with 1, 3, 4 valid tokens, A = [1, -2, 0.5], logp_new = logp_old (ratio 1,
+    nothing clipped): the per-token loss is -A_i, so d loss / d logp_new[i, n] = -A_i * c_i with
+      token-mean:               c_i = 1 / 8          (8 valid tokens in the step)
+      seq-mean-token-mean:      c_i = 1 / (3 n_i)    (3 sequences, n = [1, 3, 4])
+      seq-mean-token-sum-norm:  c_i = 1 / (3 * 4)    (max_len 4)
+    Per-micro-batch means weighted by row share gave 1/3 instead of 1/8 for the 1-token row.
+    """
+    adv = t([1.0, -2.0, 0.5])
+    lengths = [1, 3, 4]
+    coef = {"token-mean": [1 / 8] * 3,
+            "seq-mean-token-mean": [1 / (3 * n) for n in lengths],
+            "seq-mean-token-sum-norm": [1 / 12] * 3}[agg]
+    kw = {"clip_low": 0.2, "clip_high": 0.28, "agg_mode": agg, "max_len": 4}
+
+    def part(rows: list[int], width: int):
+        mask = t([[1.0 if n < lengths[i] else 0.0 for n in range(width)] for i in rows])
+        logp = -torch.rand(len(rows), width, dtype=F64)
+        return logp.requires_grad_(True), mask
+
+    whole, whole_mask = part([0, 1, 2], 5)  # extra padding column
+    loss_whole, _ = policy_loss(whole, whole.detach(), adv, whole_mask, **kw)
+    (g_whole,) = torch.autograd.grad(loss_whole, whole)
+
+    micro = [([0], part([0], 2)), ([1, 2], part([1, 2], 4))]  # 1 token | 7 tokens
+    denom = aggregation_denominator([m for _, (_, m) in micro], agg)
+    assert denom == (8 if agg == "token-mean" else 3)
+    total = 0.0
+    for rows, (logp, mask) in micro:
+        loss, _ = policy_loss(logp, logp.detach(), adv[rows], mask, denominator=denom, **kw)
+        (g,) = torch.autograd.grad(loss, logp)
+        total = total + loss.detach()
+        for j, i in enumerate(rows):
+            expected = torch.zeros(logp.shape[1], dtype=F64)
+            expected[: lengths[i]] = -float(adv[i]) * coef[i]
+            close(g[j], expected, tol=1e-12)
+            close(g[j], g_whole[i, : logp.shape[1]], tol=1e-12)
+    close(total, loss_whole.detach(), tol=1e-12)
+    # the loss itself: sum_i (-A_i) * n_i * c_i
+    close(total, sum(-float(adv[i]) * lengths[i] * coef[i] for i in range(3)), tol=1e-12)
+    # one micro-batch holding everything: the same as no denominator at all
+    loss_one, _ = policy_loss(whole, whole.detach(), adv, whole_mask,
+                              denominator=aggregation_denominator([whole_mask], agg), **kw)
+    torch.testing.assert_close(loss_one, loss_whole, atol=0, rtol=0)
 
 
 def _two_by_two() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

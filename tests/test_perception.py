@@ -160,6 +160,36 @@ def test_crucial_frames_ties_and_cap() -> None:
     assert _frames_set(v) == {0, 2}
 
 
+def test_crucial_frames_never_pick_invalid_frames() -> None:
+    # T = 4 but the group's video has 2 temporal patches: frames 2, 3 are padding of a
+    # micro-batch with a longer video, here with large (garbage) scores.
+    scores = _t([[0.1, 0.2, 9.0, 8.0], [0.3, 0.1, 7.0, 0.0]])
+    fv = _b([True, True, False, False])
+    correct, rows = _b([True, False]), _b([True, True])
+    # k_f = 1: r0 -> frame 1 (0.2 > 0.1), r1 -> frame 0 (0.3 > 0.1); unmasked both would take 2
+    assert _frames_set(crucial_frames(scores, correct, rows, 1, "all")) == {2}
+    for frame_valid in (fv, fv.expand(2, 4)):  # [T] or [G, T]
+        assert _frames_set(crucial_frames(scores, correct, rows, 1, "all",
+                                          frame_valid=frame_valid)) == {0, 1}
+        assert _frames_set(crucial_frames(scores, correct, rows, 1, "soft",
+                                          frame_valid=frame_valid)) == {1}
+        # hard: psi(S1) - psi(S2) = {1} - {0}
+        assert _frames_set(crucial_frames(scores, correct, rows, 1, "hard",
+                                          frame_valid=frame_valid)) == {1}
+        # k_f = 3 > 2 valid frames: only the valid ones, never a padded one (nor "all" frames)
+        assert _frames_set(crucial_frames(scores, correct, rows, 3, "all",
+                                          frame_valid=frame_valid)) == {0, 1}
+        assert _frames_set(crucial_frames(scores, correct, rows, 3, "all", "all",
+                                          frame_valid=frame_valid)) == {0, 1}
+    # per-response validity: r1's video has only frame 0
+    per_row = _b([[True, True, False, False], [True, False, False, False]])
+    scores = _t([[0.1, 0.2, 9.0, 8.0], [0.3, 0.9, 7.0, 0.0]])
+    assert _frames_set(crucial_frames(scores, correct, rows, 1, "all",
+                                      frame_valid=per_row)) == {0, 1}
+    with pytest.raises(ValueError, match="frame_valid must be"):
+        crucial_frames(scores, correct, rows, 1, frame_valid=_b([True, False]))
+
+
 def test_crucial_frames_unknown_names() -> None:
     with pytest.raises(ValueError, match="all, soft, hard"):
         crucial_frames(SCORES, ALL_ROWS, ALL_ROWS, 2, "force-all", "topk-union")
@@ -276,6 +306,20 @@ def test_divergence_clamp_and_shape() -> None:
     torch.testing.assert_close(d.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("G", [3, 5, 8, 16])
+@pytest.mark.parametrize("V", [640, 5000])
+def test_divergence_identical_realistic_rows_is_exactly_zero(V: int, G: int) -> None:
+    # float32 log-probs of a realistic vocabulary: the float32 mean over G of equal rows is
+    # not always exact, and e^z - z - 1 then rounds to 2^-24 at some tokens (min-max stretched
+    # that to u = 0.86); in float64 the mean of equal float32 rows is exact
+    gen = torch.Generator().manual_seed(V)
+    row = torch.log_softmax(3.0 * torch.randn(2, 24, V, generator=gen), dim=-1)  # [F, Kc, V]
+    logp = row[:, None].expand(2, G, 24, V).contiguous()  # G identical responses
+    d = aligned_divergence(logp, torch.ones(2, G, 24, dtype=torch.bool))
+    assert (d == 0).all(), float(d.max())
+    assert d.dtype == torch.float64
+
+
 # --------------------------------------------------------------------------------- minmax
 
 
@@ -293,6 +337,20 @@ def test_minmax() -> None:
     expected = _t([[0.0, 1.0, 0.5, 0.0], [0.0] * 4, [0.0] * 4, [0.0] * 4])
     torch.testing.assert_close(u, expected, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(u).all()
+
+
+def test_minmax_range_within_rounding_is_zero() -> None:
+    # threshold: range <= 1e-6 * max(1, max d) -> u = 0 (float noise, not signal)
+    d = torch.tensor([[1.0, 1.0 + 5e-7, 1.0],  # 5e-7 <= 1e-6 * 1: flat
+                      [1.0, 1.0 + 4e-6, 1.0],  # 4e-6 > 1e-6: normalised (eps 1e-8 in the range)
+                      [1e4, 1e4 + 5e-3, 1e4],  # 5e-3 <= 1e-6 * 1e4: flat (relative)
+                      [1e-9, 3e-7, 0.0]],  # 3e-7 <= 1e-6 * max(1, 3e-7): flat (absolute)
+                     dtype=torch.float64)
+    u = minmax(d, torch.ones(4, 3, dtype=torch.bool))
+    expected = torch.zeros(4, 3, dtype=torch.float64)
+    expected[1, 1] = 4e-6 / (4e-6 + 1e-8)
+    torch.testing.assert_close(u, expected, rtol=1e-9, atol=0)
+    assert (u[[0, 2, 3]] == 0).all()
 
 
 def test_minmax_no_nan_grad() -> None:
@@ -390,6 +448,31 @@ def test_perception_weights_end_to_end() -> None:
         assert isinstance(info[key], float)
 
 
+def test_perception_weights_ignore_invalid_frames() -> None:
+    """The end-to-end group padded with a third, nonexistent frame (a micro-batch holding a
+    longer video): large attention there must not make it crucial, nor change any weight."""
+    attn, mask, correct, table = _e2e_inputs()
+    expected = _t([[1.0, 1.7, 1.35, 1.0], [1.35, 1.7, 1.0, 1.0]])  # as in the unpadded group
+    padded = torch.cat([attn, torch.full((2, 4, 1), 5.0) * mask[:, :, None]], dim=2)
+    fv = _b([True, True, False])
+    # unmasked, frame 2 (score 5 for both responses) would be the only crucial frame
+    _, info = perception_weights(padded, mask, correct, _gather_fn(table), k_avg=2, k_f=1, K=2)
+    assert info["crucial_frames"].tolist() == [2]
+    for frame_valid in (fv, fv.expand(2, 3)):
+        w, info = perception_weights(padded, mask, correct, _gather_fn(table), k_avg=2, k_f=1,
+                                     K=2, frame_valid=frame_valid)
+        assert info["crucial_frames"].tolist() == [0, 1]
+        torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-6)
+    # the realistic padding (zero attention) with k_f = 3 > 2 frames: the padded frame used to
+    # fill the top-3 and select the first K positions; now the result equals the unpadded one
+    zero_pad = torch.cat([attn, torch.zeros(2, 4, 1)], dim=2)
+    w_ref, _ = perception_weights(attn, mask, correct, _gather_fn(table), k_avg=2, k_f=3, K=2)
+    w, info = perception_weights(zero_pad, mask, correct, _gather_fn(table), k_avg=2, k_f=3, K=2,
+                                 frame_valid=fv)
+    assert info["crucial_frames"].tolist() == [0, 1]
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=0)
+
+
 def test_perception_weights_logp_fn_positions_bounded() -> None:
     attn, mask, correct, table = _e2e_inputs()
     calls: list[int] = []
@@ -437,6 +520,26 @@ def test_perception_weights_detached_by_default() -> None:
     (w * torch.arange(24.0).view(3, 8)).sum().backward()
     assert table.grad is not None and torch.isfinite(table.grad).all()
     assert table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("G", [5, 8])
+@pytest.mark.parametrize("V", [640, 5000])
+def test_perception_weights_identical_responses_are_exactly_one(V: int, G: int) -> None:
+    """G identical responses (same tokens, same attention, same log-probs): every aligned
+    pair agrees, so d = 0, u = 0 and every weight is exactly 1 (float32 noise stretched by the
+    min-max normalisation used to give weights up to ~1.6)."""
+    gen = torch.Generator().manual_seed(V)
+    N, T = 24, 4
+    attn = torch.rand(N, T, generator=gen).expand(G, N, T)
+    mask = torch.ones(G, N, dtype=torch.bool)
+    table = torch.log_softmax(3.0 * torch.randn(N, V, generator=gen), dim=-1).expand(G, N, V)
+    for level, strategy in (("all", "topk-union"), ("all", "all")):
+        w, info = perception_weights(attn, mask, torch.arange(G) % 2 == 0, _gather_fn(table),
+                                     k_avg=4, k_f=2, K=16, select_level=level,
+                                     select_strategy=strategy)
+        assert info["num_crucial_frames"] >= 2 and info["perception_token_frac"] > 0
+        assert w.dtype == torch.float32
+        assert (w == 1.0).all(), float(w.max())
 
 
 def test_perception_weights_no_frames_all_ones() -> None:
@@ -551,3 +654,117 @@ def test_perception_weights_matches_reference(level: str, seed: int) -> None:
     w, _ = perception_weights(attn, mask, correct, _gather_fn(table), select_level=level, **kw)
     ref = _reference_weights(attn, mask, correct, table, level=level, **kw)
     torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------- the default APPO preset: K below the response length
+
+
+def _default_appo_preset():
+    """(rl config, APPO perception config, vocabulary size) from the repository's params.yaml."""
+    from pathlib import Path
+
+    from appo.config import ModelConfig, RLConfig, load_section
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    rl = load_section(RLConfig, "rl", params)
+    vocab = load_section(ModelConfig, "model", params).tiny.vocab_size
+    return rl, rl.algorithm("appo").perception, vocab
+
+
+def _preset_group(seed: int, G: int, N: int, T: int, V: int):
+    """A realistic group: G responses of up to N tokens (some padded), random log-probs."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(N // 2, N + 1, (G,), generator=gen)
+    lengths[0] = N
+    mask = torch.arange(N)[None, :] < lengths[:, None]
+    correct = torch.arange(G) % 3 == 0
+    table = torch.log_softmax(2.0 * torch.randn(G, N, V, generator=gen), dim=-1)
+    return mask, correct, table
+
+
+def _random_attn(seed: int, mask: Tensor, T: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(*mask.shape, T, generator=gen) * mask[:, :, None]
+
+
+def test_default_appo_weights_depend_on_attention() -> None:
+    """With the default APPO preset (K from K_fraction of rl.max_new_tokens) the perception
+    tokens, hence the weights, follow the attention: two attention maps give different weights,
+    the same map the same weights. With an absolute K at or above the response length (the
+    published K = 128 for 40 tokens) every valid token is a perception token of every crucial
+    frame and the weights no longer depend on the attention."""
+    rl, p, V = _default_appo_preset()
+    G, N, T = rl.num_generations, rl.max_new_tokens, 4
+    K = p.tokens_per_frame(N)
+    assert 1 <= K < N, f"effective K {K} must be below the response length {N}"
+    mask, correct, table = _preset_group(0, G, N, T, V)
+    assert not mask.all()  # some padding
+    kw = {"k_avg": p.k_avg, "k_f": p.k_f, "w_max": p.w_max, "select_level": p.select_level,
+          "select_strategy": p.select_strategy}
+
+    def weights(attn: Tensor, K: int) -> tuple[Tensor, dict]:
+        return perception_weights(attn, mask, correct, _gather_fn(table), K=K, **kw)
+
+    attn1, attn2 = _random_attn(1, mask, T), _random_attn(2, mask, T)
+    w1, info1 = weights(attn1, K)
+    w1_again, _ = weights(attn1.clone(), K)
+    w2, _ = weights(attn2, K)
+    assert torch.equal(w1, w1_again)
+    assert not torch.allclose(w1[mask], w2[mask])
+    assert 0 < info1["perception_token_frac"] < 1
+    assert (w1[mask] > 1).any() and (w1 >= 1).all() and (w1 <= p.w_max).all()
+
+    # the old setting: K >= N makes the weights blind to the attention
+    v1, i1 = weights(attn1, 128)
+    v2, i2 = weights(attn2, 128)
+    assert i1["num_crucial_frames"] == i2["num_crucial_frames"] == T
+    assert i1["perception_token_frac"] == 1.0
+    torch.testing.assert_close(v1, v2)
+
+
+# --------------------------------------------------- controls: random attention, uniform weights
+
+
+def test_random_frame_attention_by_hand() -> None:
+    from appo.rl.perception import random_frame_attention
+
+    mask = _b([[True, True, False], [True, False, False]])
+    frame_valid = _b([[True, True], [True, False]])
+    a = random_frame_attention((2, 3, 2), mask, torch.Generator().manual_seed(7), frame_valid)
+    draw = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(7))
+    keep = _b([[[True, True], [True, True], [False, False]],
+               [[True, False], [False, False], [False, False]]])
+    torch.testing.assert_close(a, torch.where(keep, draw, torch.zeros(())), rtol=0, atol=0)
+    assert a.dtype == torch.float32 and bool(((a >= 0) & (a < 1)).all())
+    assert bool((a[keep] > 0).all())  # a U[0, 1) draw of exactly 0 is (practically) impossible
+    # reproducible from the seed, different for another seed
+    again = random_frame_attention((2, 3, 2), mask, torch.Generator().manual_seed(7), frame_valid)
+    other = random_frame_attention((2, 3, 2), mask, torch.Generator().manual_seed(8), frame_valid)
+    assert torch.equal(a, again) and not torch.equal(a, other)
+    # [T] frame validity, no frame validity, another dtype
+    b = random_frame_attention((2, 3, 2), mask, torch.Generator().manual_seed(7), _b([True, False]))
+    assert torch.equal(b[..., 1], torch.zeros(2, 3)) and torch.equal(b[..., 0], a[..., 0])
+    c = random_frame_attention((2, 3, 2), mask, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(c, draw * mask[:, :, None], rtol=0, atol=0)
+    d = random_frame_attention((2, 3, 2), mask, torch.Generator().manual_seed(7),
+                               dtype=torch.bfloat16)
+    assert d.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="mask must be"):
+        random_frame_attention((2, 4, 2), mask, torch.Generator())
+
+
+def test_uniform_like_by_hand() -> None:
+    from appo.rl.perception import uniform_like
+
+    w = _t([[1.0, 1.7, 1.3, 5.0], [1.0, 1.6, 9.0, 9.0]])
+    mask = _b([[True, True, True, False], [True, True, False, False]])
+    u = uniform_like(w, mask)
+    # valid weights 1 + 1.7 + 1.3 + 1 + 1.6 = 6.6 over 5 tokens -> 1.32; padding unchanged
+    torch.testing.assert_close(u, _t([[1.32, 1.32, 1.32, 5.0], [1.32, 1.32, 9.0, 9.0]]))
+    torch.testing.assert_close(u[mask].sum(), w[mask].sum())  # same total emphasis
+    torch.testing.assert_close(uniform_like(w, torch.zeros_like(mask)), w)  # nothing valid
+    wg = w.clone().requires_grad_(True)
+    uniform_like(wg, mask)[mask].sum().backward()
+    torch.testing.assert_close(wg.grad, mask.float())  # d(sum of the means)/dw_valid = 1
+    with pytest.raises(ValueError, match="one shape"):
+        uniform_like(w, mask[:, :3])

@@ -224,6 +224,50 @@ def test_appo_with_unit_weights_is_exactly_dapo(fresh_policy, synthetic_data):
         assert torch.equal(a, b)
 
 
+def test_attention_and_weight_controls_in_the_trainer(fresh_policy, synthetic_data, monkeypatch):
+    """attention: random captures nothing and draws scores seeded by (seed, step, group), zero
+    at padding and the same whatever the micro-batching; weights: uniform puts the group's mean
+    weight on every valid token."""
+    import dataclasses
+
+    import appo.rl.frame_attention as frame_attention
+
+    model, processor = fresh_policy
+    _, store, records = synthetic_data
+    cfg = RLConfig(prompts_per_step=2, num_generations=4, max_new_tokens=10,
+                   groups_per_micro_batch=1)
+
+    def control(**knobs):
+        return dataclasses.replace(APPO, perception=dataclasses.replace(APPO.perception, **knobs))
+
+    torch.manual_seed(0)
+    batch = RLTrainer(model, processor, cfg, APPO, records["rl"], store,
+                      reward_fn=_digit_reward).collect()
+    rows = torch.arange(batch.rollout.prompt_ids.shape[0])
+    mask = batch.rollout.response_mask.bool()
+    grid = batch.rollout.model_inputs()["video_grid_thw"]
+    trainer = RLTrainer(model, processor, cfg, control(attention="random"), records["rl"], store)
+    attn, frame_valid = trainer._random_attention(mask, grid, rows)
+    assert attn.shape == (8, mask.shape[1], frame_valid.shape[1]) and frame_valid.all()
+    assert torch.equal(attn, trainer._random_attention(mask, grid, rows)[0])
+    assert (attn[~mask] == 0).all() and (attn[mask] > 0).all()
+    assert torch.equal(trainer._random_attention(mask[4:], grid[4:], rows[4:])[0], attn[4:])
+    assert not torch.equal(attn[:4], attn[4:])
+    trainer.steps_done = 1
+    assert not torch.equal(trainer._random_attention(mask, grid, rows)[0], attn)
+    with monkeypatch.context() as m:
+        m.setattr(frame_attention, "FrameAttentionRecorder", None)  # no capture
+        loss, stats = trainer._loss(batch, rows[:4], {})
+    assert torch.isfinite(loss) and stats["appo/num_crucial_frames"] >= 1
+
+    cache: dict = {}
+    uniform = RLTrainer(model, processor, cfg, control(weights="uniform"), records["rl"], store)
+    _, stats = uniform._loss(batch, rows[:4], cache)
+    w = cache[0][mask[:4]]
+    assert torch.equal(w, w[:1].expand_as(w)) and float(w[0]) >= 1.0
+    assert stats["appo/weight_max"] == stats["appo/weight_mean"] == pytest.approx(float(w[0]))
+
+
 def test_shuffled_frames_for_the_temporal_contrast(tiny_policy, synthetic_data):
     _, processor = tiny_policy
     _, store, records = synthetic_data
@@ -280,3 +324,119 @@ def test_rl_stage_on_cuda_trains_under_bf16_autocast(micro_params, monkeypatch):
     summary = rl.run(str(params), "appo", progress=False)
     assert seen == [("cuda", "bf16")]
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["final_reward"])
+
+
+def _ragged_batch(model, processor, store, records, cfg):
+    """A collected batch of 3 groups (G = 2) whose responses have very different lengths."""
+    torch.manual_seed(0)
+    batch = RLTrainer(model, processor, cfg, AlgorithmConfig(beta=0.0), records["rl"], store,
+                      reward_fn=_digit_reward).collect()
+    n = batch.rollout.response_ids.shape[1]
+    lengths = torch.tensor([1, 2, n, n - 1, 3, n])
+    batch.rollout.response_mask = batch.rollout.response_mask * (
+        torch.arange(n)[None, :] < lengths[:, None])
+    batch.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, -1.0, 1.0])
+    batch.correct = torch.tensor([True, False, True, False, False, True])
+    return batch
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "appo"])
+def test_micro_batching_does_not_change_the_update(fresh_policy, synthetic_data, agg):
+    """The step's loss is one aggregate over the batch: micro-batches of 1 group each (1 + 3,
+    n + n-1, 3 + n valid tokens) give the gradients and SGD update of 1 micro-batch of all 3
+    groups. Token-mean used to average per micro-batch and weight by row share, which puts
+    ~3x more weight on each token of the short group."""
+    import dataclasses
+
+    model, processor = fresh_policy
+    _, store, records = synthetic_data
+    algo = (APPO if agg == "appo" else
+            AlgorithmConfig(agg_mode=agg, beta=0.0, clip_high=0.28))
+    base = RLConfig(prompts_per_step=3, num_generations=2, max_new_tokens=8, lr=1.0,
+                    max_grad_norm=1e9)
+    batch = _ragged_batch(model, processor, store, records, base)
+    lengths = batch.rollout.lengths.view(3, 2).sum(1)
+    assert len(set(lengths.tolist())) == 3, lengths  # the groups differ in token counts
+    results = []
+    for groups in (1, 3):
+        policy = copy.deepcopy(model)
+        cfg = dataclasses.replace(base, groups_per_micro_batch=groups)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        trainer = RLTrainer(policy, processor, cfg, algo, records["rl"], store,
+                            optimizer=torch.optim.SGD(params, lr=cfg.lr))
+        assert len(trainer._micro_batches(batch)) == 3 // groups
+        metrics = trainer.update(batch)
+        results.append((metrics, {n: (p.grad.clone(), p.detach().clone())
+                                  for n, p in policy.named_parameters() if p.grad is not None}))
+    (m_split, split), (m_one, one) = results
+    assert split.keys() == one.keys() and split
+    assert any(float(g.abs().max()) > 0 for g, _ in one.values())
+    for name in one:
+        torch.testing.assert_close(split[name][0], one[name][0], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(split[name][1], one[name][1], rtol=1e-5, atol=1e-7, msg=name)
+    assert m_split["loss"] == pytest.approx(m_one["loss"], rel=1e-5, abs=1e-7)
+    assert m_split["grad_norm"] == pytest.approx(m_one["grad_norm"], rel=1e-5)
+
+
+def test_appo_weights_grad_with_several_iterations(micro_params, monkeypatch):
+    """mu = 2 with perception.weights_grad: the token weights of pass 1 hang on pass 1's graph,
+    which its backward frees; pass 2 recomputes them ("backward through the graph a second
+    time" before)."""
+    import yaml
+
+    from appo.stages import rl
+
+    monkeypatch.setenv("APPO_MLFLOW", "0")
+    params = micro_params("mu2", steps=2, save_every=0, num_iterations=2)
+    body = yaml.safe_load(params.read_text())
+    body["rl"]["algorithms"]["appo"]["perception"]["weights_grad"] = True
+    body["rl"]["algorithms"]["appo"]["dynamic_sampling"] = False
+    params.write_text(yaml.safe_dump(body))
+    calls = []
+    real = RLTrainer._perception_weights
+
+    def spy(self, *args, **kwargs):
+        w, stats = real(self, *args, **kwargs)
+        calls.append(w.requires_grad)
+        return w, stats
+
+    monkeypatch.setattr(RLTrainer, "_perception_weights", spy)
+    summary = rl.run(str(params), "appo", progress=False)
+    assert summary["skipped_steps"] == 0 and math.isfinite(summary["final_reward"])
+    # 2 steps x 2 passes x 2 micro-batches (1 group each), every time with a graph
+    assert calls == [True] * 8
+
+
+def test_trainer_never_picks_a_shorter_videos_padded_frames(fresh_policy, synthetic_data,
+                                                            monkeypatch):
+    """In a micro-batch of videos with different numbers of temporal patches the recorder pads
+    the shorter ones' frames (frame_valid False). The trainer must pass that mask on: here the
+    first group's last frame is marked padding and given the largest attention."""
+    from appo.rl.frame_attention import FrameAttentionRecorder
+
+    model, processor = fresh_policy
+    _, store, records = synthetic_data
+    cfg = RLConfig(prompts_per_step=2, num_generations=2, max_new_tokens=8,
+                   groups_per_micro_batch=2)
+    torch.manual_seed(0)
+    batch = RLTrainer(model, processor, cfg, AlgorithmConfig(beta=0.0), records["rl"], store,
+                      reward_fn=_digit_reward).collect()
+    real = FrameAttentionRecorder.result
+
+    def padded(self):
+        attn, frame_valid = real(self)
+        frame_valid = frame_valid.clone()
+        frame_valid[:2, -1] = False  # group 0's video is one temporal patch shorter
+        attn = attn.clone()
+        attn[:, :, -1] = 1.0  # larger than any real attention: garbage in group 0 (padding)
+        return attn, frame_valid
+
+    monkeypatch.setattr(FrameAttentionRecorder, "result", padded)
+    trainer = RLTrainer(model, processor, cfg, APPO, records["rl"], store)
+    rows = torch.arange(batch.rollout.prompt_ids.shape[0])
+    _, stats = trainer._loss(batch, rows, {})
+    T = batch.rollout.visual["video_grid_thw"][0, 0].item()
+    first, second = trainer.last_crucial_frames
+    assert first and T - 1 not in first, first
+    assert T - 1 in second  # group 1's last frame is real and the most attended
+    assert stats["appo/num_crucial_frames"] >= 1

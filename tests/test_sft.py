@@ -24,7 +24,7 @@ def _no_mlflow(monkeypatch):
 
 def _cfg(out_dir, **overrides) -> SFTConfig:
     knobs = dict(out_dir=str(out_dir), batch_size=4, max_steps=4, warmup_steps=1, lr=3e-3,
-                 save_every=0, seed=0)
+                 save_every=0, seed=0, freeze_vision=True)
     knobs.update(overrides)
     return SFTConfig(**knobs)
 
@@ -272,3 +272,19 @@ def test_stage_entry_point_reads_params(tmp_path, synthetic_data, tiny_checkpoin
     assert (tmp_path / "out" / "model" / "config.json").is_file()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2
     load_section(SFTConfig, "sft", "params.yaml")  # the repository's params are valid
+
+
+def test_freeze_vision_auto_trains_only_the_embedded_tiny_tower(tiny_checkpoint):
+    """auto: the embedded tiny model (random tower) trains its vision tower, a real one does not."""
+    model, _ = load_policy(tiny_checkpoint, dtype="float32", device="cpu")
+    assert model.config.appo_embedded_tiny is True
+    auto = SFTConfig(freeze_vision="auto")
+    assert sft.freeze_vision(auto, model) is False
+    model.config.appo_embedded_tiny = False  # what a pretrained Qwen2.5-VL looks like
+    assert sft.freeze_vision(auto, model) is True
+    for explicit in (True, False):
+        assert sft.freeze_vision(SFTConfig(freeze_vision=explicit), model) is explicit
+    trainable = common.prepare_for_training(model, freeze_vision=sft.freeze_vision(auto, model))
+    assert not any(p.requires_grad for p in common._vision_module(trainable).parameters())
+    with pytest.raises(ValueError, match="freeze_vision"):
+        sft._validate(SFTConfig(freeze_vision="sometimes"))

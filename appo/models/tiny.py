@@ -178,6 +178,9 @@ def build_tiny_checkpoint(
     processor = build_processor(tokenizer, cfg, max_pixels)
     config = build_config(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
+    # Marks the embedded default: its vision tower starts random, so `sft.freeze_vision: auto`
+    # trains it (a real checkpoint's pretrained tower stays frozen, as in the APPO recipe).
+    config.appo_embedded_tiny = True
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     generation = model.generation_config
     generation.eos_token_id = config.text_config.eos_token_id

@@ -15,6 +15,8 @@ k3 estimator = Schulman, "Approximating KL divergence" (2020).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,7 @@ __all__ = [
     "AGG_MODES",
     "WEIGHT_MODES",
     "aggregate",
+    "aggregation_denominator",
     "clipped_surrogate",
     "group_advantages",
     "groups_with_signal",
@@ -137,7 +140,32 @@ def k3_kl(logp: Tensor, logp_ref: Tensor) -> Tensor:
     return (torch.expm1(d) - d).clamp_min(0.0)
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: str, max_len: int | None = None) -> Tensor:
+def _check_agg_mode(mode: str) -> None:
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGG_MODES)}")
+
+
+def aggregation_denominator(masks: Sequence[Tensor], mode: str) -> int:
+    """D = sum over all batches of the valid tokens (token-mean) or of the rows (seq-mean modes).
+
+    The one normaliser of a step whose batch is split into micro-batches (and processes):
+    ``sum_b aggregate(values_b, masks[b], mode, denominator=D)`` equals ``aggregate`` of the
+    whole batch at once, whatever the split and each part's padding.  A plain count (0 for
+    nothing; :func:`aggregate` clamps it to >= 1), so per-process counts add up exactly.
+    """
+    _check_agg_mode(mode)
+    if mode == "token-mean":
+        return sum(int((m if m.dtype == torch.bool else m != 0).sum()) for m in masks)
+    return sum(int(m.shape[0]) for m in masks)
+
+
+def aggregate(
+    values: Tensor,
+    mask: Tensor,
+    mode: str,
+    max_len: int | None = None,
+    denominator: float | None = None,
+) -> Tensor:
     """token-mean: sum(v*m)/sum(m); seq-mean-token-mean: mean_i[sum_n(v*m)/sum_n(m)]; seq-mean-token-sum-norm: mean_i[sum_n(v*m)/max_len].
 
     * ``"token-mean"`` - DAPO: every valid token in the batch weighs the same.
@@ -145,25 +173,36 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, max_len: int | None = Non
     * ``"seq-mean-token-sum-norm"`` - Dr. GRPO: per-sequence sum divided by a
       constant ``max_len`` (defaults to ``N``), then averaged over sequences.
 
+    The outer mean divides a sum (over tokens, or over per-sequence terms) by the
+    batch's count (valid tokens, or rows).  ``denominator`` replaces that count by a
+    given one, e.g. the whole step's :func:`aggregation_denominator` when this batch
+    is one micro-batch of it: the micro-batch results then add up to the step's mean.
+
     Denominators are clamped to >= 1, so rows (or batches) with no valid token
     contribute 0 instead of NaN.  Returns a 0-dim tensor.
     """
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGG_MODES)}")
+    _check_agg_mode(mode)
     if values.dim() != 2:
         raise ValueError(f"values must be 2-D [B, N], got shape {tuple(values.shape)}")
     valid = _valid(mask, values)
     m = valid.to(values.dtype)
     vm = torch.where(valid, values, torch.zeros_like(values))
-    n_seq = max(values.shape[0], 1)
     if mode == "token-mean":
-        return vm.sum() / m.sum().clamp_min(1.0)
-    if mode == "seq-mean-token-mean":
-        return (vm.sum(dim=-1) / m.sum(dim=-1).clamp_min(1.0)).sum() / n_seq
-    norm = values.shape[-1] if max_len is None else max_len
-    if norm < 1:
-        raise ValueError(f"max_len must be >= 1, got {norm}")
-    return (vm.sum(dim=-1) / norm).sum() / n_seq
+        total = vm.sum()
+    elif mode == "seq-mean-token-mean":
+        total = (vm.sum(dim=-1) / m.sum(dim=-1).clamp_min(1.0)).sum()
+    else:
+        norm = values.shape[-1] if max_len is None else max_len
+        if norm < 1:
+            raise ValueError(f"max_len must be >= 1, got {norm}")
+        total = (vm.sum(dim=-1) / norm).sum()
+    if denominator is None:
+        if mode == "token-mean":
+            return total / m.sum().clamp_min(1.0)
+        return total / max(values.shape[0], 1)
+    if denominator < 0:
+        raise ValueError(f"denominator must be >= 0, got {denominator}")
+    return total / max(denominator, 1)
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
@@ -212,6 +251,7 @@ def policy_loss(
     logp_ref: Tensor | None = None,
     beta: float = 0.0,
     max_len: int | None = None,
+    denominator: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = agg( w * l_clip(A) + beta * k3 ) (multiply) or agg( l_clip(A + w) + beta * k3 ) (additive).
 
@@ -221,7 +261,9 @@ def policy_loss(
       default "arpo_kl" objective); ``"additive"`` uses the per-token advantage
       ``A + w`` inside the clipped surrogate.
     * The k3 term is added when ``beta > 0`` (``logp_ref`` required then).
-    * ``agg`` is :func:`aggregate` with ``agg_mode`` / ``max_len``.
+    * ``agg`` is :func:`aggregate` with ``agg_mode`` / ``max_len`` / ``denominator``:
+      ``None`` normalises by this batch's own count; a micro-batch of a larger step
+      passes the step's :func:`aggregation_denominator` so the parts add up exactly.
 
     Returns ``(loss, stats)``; stats are detached 0-dim tensors: ``clip_frac``,
     ``clip_frac_low``, ``clip_frac_high`` (fractions of valid tokens), ``kl``
@@ -257,7 +299,7 @@ def policy_loss(
         if beta > 0:
             per_token = per_token + beta * kl_tok
 
-    loss = aggregate(per_token, mask, agg_mode, max_len)
+    loss = aggregate(per_token, mask, agg_mode, max_len, denominator)
 
     with torch.no_grad():
         valid = _valid(mask, logp_new)

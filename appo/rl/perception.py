@@ -52,15 +52,31 @@ __all__ = [
     "minmax",
     "scatter_token_weights",
     "perception_weights",
+    "ATTENTION_SOURCES",
+    "WEIGHT_PLACEMENTS",
+    "random_frame_attention",
+    "uniform_like",
 ]
 
 SELECT_LEVELS: tuple[str, ...] = ("all", "soft", "hard")
 SELECT_STRATEGIES: tuple[str, ...] = ("topk-union", "all")
 #: The authors' code names of the selection levels mapped to the paper's names used here.
 CODE_TO_PAPER_LEVEL: dict[str, str] = {"force-all": "all", "hard": "soft"}
+#: Where the frame attention comes from: the policy's (captured) or seeded random scores (control).
+ATTENTION_SOURCES: tuple[str, ...] = ("policy", "random")
+#: How the weights are placed: by divergence at the perception tokens (APPO) or uniformly
+#: (every valid token of a group gets the group's mean weight; control).
+WEIGHT_PLACEMENTS: tuple[str, ...] = ("divergence", "uniform")
 
 DELTA_CLAMP = 11.0
 MINMAX_EPS = 1e-8
+# A frame whose divergences spread by no more than MINMAX_RTOL * max(1, max_k d) is flat (u = 0,
+# w = 1): that is the resolution at which float32 log-probs determine d.  Their relative rounding
+# (2^-24 = 6e-8) times |log p| <= ~17 moves each ``m - log p`` by ~1e-6, which changes d by at
+# most ~1e-6 relative (the k3 terms' slope is |e^delta - 1|) and, around d = 0, by
+# ~V * (1e-6)^2 / 2 <= 1e-7 absolute even for Qwen's 152k vocabulary.  Without it, min-max
+# normalisation stretches that noise (e.g. a group of identical responses) to the full [1, w_max].
+MINMAX_RTOL = 1e-6
 
 LogpFn = Callable[[Tensor], Tensor]
 
@@ -82,6 +98,19 @@ def _check_attn(attn: Tensor, mask: Tensor) -> None:
         raise ValueError(f"attn must be [G, N, T], got shape {tuple(attn.shape)}")
     if mask.shape != attn.shape[:2]:
         raise ValueError(f"mask must be [G, N] = {tuple(attn.shape[:2])}, got {tuple(mask.shape)}")
+
+
+def _frame_valid(frame_valid: Tensor | None, G: int, T: int, device: torch.device) -> Tensor:
+    """``frame_valid`` (``None``, ``[T]`` or ``[G, T]``) as a ``[G, T]`` bool tensor."""
+    if frame_valid is None:
+        return torch.ones(G, T, dtype=torch.bool, device=device)
+    fv = frame_valid.bool().to(device)
+    if fv.shape == (T,):
+        fv = fv[None, :]
+    if fv.dim() != 2 or fv.shape[1] != T or fv.shape[0] not in (1, G):
+        raise ValueError(f"frame_valid must be [T] = [{T}] or [G, T] = [{G}, {T}], got "
+                         f"{tuple(frame_valid.shape)}")
+    return fv.expand(G, T)
 
 
 def frame_scores(attn: Tensor, mask: Tensor, k_avg: int) -> Tensor:
@@ -121,6 +150,7 @@ def crucial_frames(
     k_f: int,
     select_level: str = "all",
     select_strategy: str = "topk-union",
+    frame_valid: Tensor | None = None,
 ) -> Tensor:
     """V = psi(S1) | psi(S2) (all), psi(S1) or psi(all) if S1 empty (soft), psi(S1) minus psi(S2) (hard).
 
@@ -133,6 +163,13 @@ def crucial_frames(
     (whose empty-``S1`` fallback is the code's ``soft``); ``hard`` = paper only, no code path.
     ``select_strategy="all"`` marks every frame crucial regardless of ``select_level``.
 
+    ``frame_valid`` marks the frames that exist: in a micro-batch of videos with different
+    numbers of temporal patches, a shorter video's frames are padded up to the longest one's
+    and those padded frames have no visual tokens.  An invalid frame is never crucial: its
+    score is ``-inf`` before the top-``k_f`` (so a response with fewer than ``k_f`` valid
+    frames takes only those) and it is excluded from every union (and from
+    ``select_strategy="all"``).
+
     Args:
         scores: ``[G, T]`` frame scores from :func:`frame_scores`.
         correct: ``[G]`` bool, accuracy reward ``>= tau``.
@@ -140,6 +177,8 @@ def crucial_frames(
         k_f: frames taken per response (spec default 3).
         select_level: ``"all"`` | ``"soft"`` | ``"hard"`` (paper names).
         select_strategy: ``"topk-union"`` | ``"all"``.
+        frame_valid: ``[G, T]`` (per response) or ``[T]`` bool, frames that exist; ``None`` =
+            all of them.
 
     Returns:
         ``[T]`` bool mask of crucial frames.
@@ -154,14 +193,17 @@ def crucial_frames(
         raise ValueError(f"k_f must be >= 0, got {k_f}")
     G, T = scores.shape
     device = scores.device
+    fv = _frame_valid(frame_valid, G, T, device)
     if select_strategy == "all":
-        return torch.ones(T, dtype=torch.bool, device=device)
+        return fv.any(dim=0)
     kf = min(k_f, T)
     rows = valid_rows.bool().to(device)
     corr = correct.bool().to(device)
+    scores = scores.masked_fill(~fv, float("-inf"))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :kf]  # [G, kf]
     top = torch.zeros(G, T, dtype=torch.bool, device=device)
     top.scatter_(1, order, True)
+    top &= fv  # fewer than k_f valid frames: the -inf (padded) ones are not taken
 
     def psi(sel: Tensor) -> Tensor:
         return (top & sel[:, None]).any(dim=0)
@@ -230,15 +272,19 @@ def aligned_divergence(logp: Tensor, valid: Tensor) -> Tensor:
 
     Masked slots (``valid`` False) use the uniform distribution ``log(1/V)`` and still count in
     both means over the ``G`` responses (as in the spec: "masked positions use the uniform
-    distribution").  ``m - log p_i`` is clamped to ``[-11, 11]`` before the k3 terms.  Computed
-    in float32.
+    distribution").  ``m - log p_i`` is clamped to ``[-11, 11]`` before the k3 terms.
+
+    Computed in float64 (with ``expm1(z) - z`` for the k3 term, free of the cancellation of
+    ``e^z - z - 1`` at small ``z``): the mean over ``G`` of float32 (or bf16) values is then exact
+    whenever the rows are equal, so identical responses give ``d = 0`` exactly instead of float32
+    noise summed over the vocabulary.
 
     Args:
         logp: ``[F, G, Kc, V]`` full-vocabulary log-softmax at the selected tokens.
         valid: ``[F, G, Kc]`` bool.
 
     Returns:
-        ``[F, Kc]`` float32 divergences (``>= 0``).
+        ``[F, Kc]`` float64 divergences (``>= 0``).
     """
     if logp.dim() != 4 or valid.shape != logp.shape[:3]:
         raise ValueError(
@@ -246,25 +292,29 @@ def aligned_divergence(logp: Tensor, valid: Tensor) -> Tensor:
             f"and {tuple(valid.shape)}"
         )
     V = logp.shape[-1]
-    lp = logp.float()
+    lp = logp.double()
     lp = torch.where(valid.bool()[..., None], lp, lp.new_full((), -math.log(V)))
     m = lp.mean(dim=1, keepdim=True)  # [F, 1, Kc, V]
     delta = (m - lp).clamp(-DELTA_CLAMP, DELTA_CLAMP)
-    return (torch.exp(delta) - delta - 1.0).sum(dim=-1).mean(dim=1)
+    return (torch.expm1(delta) - delta).sum(dim=-1).mean(dim=1)
 
 
-def minmax(d: Tensor, valid_k: Tensor, eps: float = MINMAX_EPS) -> Tensor:
+def minmax(d: Tensor, valid_k: Tensor, eps: float = MINMAX_EPS,
+           rtol: float = MINMAX_RTOL) -> Tensor:
     """u[f, k] = (d[f, k] - min_k d[f]) / (max_k d[f] - min_k d[f] + eps) over the valid k.
 
     Per frame ``f``; ``valid_k[f, k]`` is True when some response has a valid token at rank
     ``k``.  Invalid ``k`` get 0 and are excluded from the min / max.  The ``eps`` (1e-8, as in
     the authors' division by ``max - min + eps``) makes a constant ``d`` (including a single
     valid ``k``) give ``u = 0`` rather than NaN; a frame with no valid ``k`` is all zeros.
+    A frame whose range is within rounding, ``max - min <= rtol * max(1, max)`` (see
+    :data:`MINMAX_RTOL`), counts as constant too: ``u = 0`` exactly, so its tokens get ``w = 1``.
 
     Args:
         d: ``[F, Kc]`` divergences.
         valid_k: ``[F, Kc]`` bool.
         eps: added to the range.
+        rtol: ranges up to ``rtol * max(1, max_k d[f])`` are zero.
 
     Returns:
         ``[F, Kc]`` values in ``[0, 1)`` (``1 - eps/(range+eps)`` at the maximum).
@@ -280,9 +330,11 @@ def minmax(d: Tensor, valid_k: Tensor, eps: float = MINMAX_EPS) -> Tensor:
     any_k = vk.any(dim=1, keepdim=True)
     # Safe values for empty frames (keeps forward and backward NaN-free).
     dmin = torch.where(any_k, dmin, torch.zeros_like(dmin))
-    rng = torch.where(any_k, dmax - dmin, torch.zeros_like(dmax))
+    dmax = torch.where(any_k, dmax, torch.zeros_like(dmax))
+    rng = dmax - dmin
+    flat = rng <= rtol * dmax.detach().abs().clamp(min=1.0)  # [F, 1]
     u = (d - dmin) / (rng + eps)
-    return torch.where(vk, u, torch.zeros_like(u))
+    return torch.where(vk & ~flat, u, torch.zeros_like(u))
 
 
 def _scatter_sum_count(u: Tensor, index: Tensor, valid: Tensor, N: int) -> tuple[Tensor, Tensor]:
@@ -341,6 +393,7 @@ def perception_weights(
     select_strategy: str = "topk-union",
     weights_grad: bool = False,
     frame_chunk: int | None = None,
+    frame_valid: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """w[i, n] = 1 + (w_max - 1) * u[i, n]: APPO token weights for one group (spec sections 2-3).
 
@@ -364,6 +417,9 @@ def perception_weights(
             detach); default False returns detached weights.
         frame_chunk: if set, evaluate ``logp_fn`` and the divergence this many frames at a time
             to bound memory.
+        frame_valid: ``[G, T]`` or ``[T]`` bool, the frames that exist (``None`` = all); padded
+            frames of a shorter video are never crucial (see :func:`crucial_frames`), and a
+            response gets no perception tokens for a crucial frame its video lacks.
 
     Returns:
         ``(w, info)``: ``w`` ``[G, N]`` float32 (all ones when there are no crucial frames or no
@@ -384,7 +440,9 @@ def perception_weights(
 
     with torch.no_grad():
         scores = frame_scores(attn.detach(), mask, k_avg)
-        frames = crucial_frames(scores, correct, valid_rows, k_f, select_level, select_strategy)
+        fv = _frame_valid(frame_valid, G, T, device)
+        frames = crucial_frames(scores, correct, valid_rows, k_f, select_level, select_strategy,
+                                frame_valid=fv)
         fidx = frames.nonzero().flatten()
 
     def _info(w: Tensor, frac: float, nframes: int) -> dict[str, Any]:
@@ -403,6 +461,7 @@ def perception_weights(
 
     with torch.no_grad():
         index, valid = perception_token_index(attn.detach(), mask, frames, K)
+        valid &= fv[:, fidx].T[:, :, None]  # [F, G, 1]: a row whose video lacks frame f
     Kc = index.shape[2]
     chunk = F if frame_chunk is None else frame_chunk
 
@@ -421,8 +480,68 @@ def perception_weights(
         d = torch.cat(parts, dim=0)
         u = minmax(d, valid.any(dim=1))
         total, count = _scatter_sum_count(u, index, valid, N)
-        w = 1.0 + (w_max - 1.0) * (total / count.clamp(min=1.0))
+        w = (1.0 + (w_max - 1.0) * (total / count.clamp(min=1.0))).float()
     if not weights_grad:
         w = w.detach()
     selected = int(((count > 0) & mask).sum())
     return w, _info(w, selected / n_valid_tokens, F)
+
+
+def random_frame_attention(
+    shape: tuple[int, int, int],
+    mask: Tensor,
+    generator: torch.Generator,
+    frame_valid: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """a[i, n, t] ~ U[0, 1) drawn from ``generator``, 0 where token n or frame t is invalid.
+
+    The ``attention: random`` control: scores of the captured attention's shape that carry no
+    information about the video, so crucial frames and perception tokens are chosen at random
+    (the divergence weighting at them is unchanged).  Drawn on ``generator``'s device (a CPU
+    generator gives the same values on every device), then moved to ``mask``'s device.
+
+    Args:
+        shape: ``(G, N, T)``.
+        mask: ``[G, N]`` bool valid response tokens.
+        generator: a seeded ``torch.Generator`` (the trainer seeds it per run seed, step and
+            group, so runs are reproducible and resume-safe).
+        frame_valid: ``[G, T]`` or ``[T]`` bool, frames that exist (``None``: all).
+        dtype: floating dtype of the result.
+
+    Returns:
+        ``[G, N, T]`` scores in ``[0, 1)``, zero at invalid tokens and frames.
+    """
+    G, N, T = (int(x) for x in shape)
+    if tuple(mask.shape) != (G, N):
+        raise ValueError(f"mask must be [G, N] = {(G, N)}, got {tuple(mask.shape)}")
+    scores = torch.rand(G, N, T, generator=generator, device=generator.device,
+                        dtype=torch.float32).to(device=mask.device, dtype=dtype)
+    keep = mask.bool()[:, :, None]
+    if frame_valid is not None:
+        fv = frame_valid.bool().to(mask.device)
+        keep = keep & (fv[None, None, :] if fv.dim() == 1 else fv[:, None, :])
+    return torch.where(keep, scores, torch.zeros_like(scores))
+
+
+def uniform_like(w: Tensor, mask: Tensor) -> Tensor:
+    """u[i, n] = mean of w over the valid tokens of the group where mask[i, n], else w[i, n].
+
+    The ``weights: uniform`` control: the group's total APPO emphasis (the sum of the weights
+    over its valid tokens) is kept, but spread evenly instead of placed by attention and
+    divergence.  A group without valid tokens is returned unchanged.  Differentiable (when
+    ``w`` carries a graph, so does the mean).
+
+    Args:
+        w: ``[G, N]`` token weights of one group.
+        mask: ``[G, N]`` bool valid response tokens.
+
+    Returns:
+        ``[G, N]`` weights, ``w``'s dtype.
+    """
+    if w.shape != mask.shape:
+        raise ValueError(f"w and mask must have one shape, got {tuple(w.shape)}, "
+                         f"{tuple(mask.shape)}")
+    m = mask.bool()
+    mean = (w * m).sum() / m.sum().clamp(min=1)
+    return torch.where(m, mean.to(w.dtype), w)

@@ -10,8 +10,9 @@ pure functions in :mod:`appo.rl.objectives` and :mod:`appo.rl.perception`; there
 Data parallel (``accelerate launch``): every process collects and trains its own
 ``prompts_per_step / num_processes`` whole groups from one shared prompt stream, the wrapped
 policy (DDP/FSDP) averages gradients, which equals the single-process update on the same global
-batch because each process weights its loss by its (equal) share of the rows; metrics are
-combined across processes (:mod:`appo.train.distributed`).
+batch because each process divides its loss by the global batch's token (or sequence) count and
+multiplies it by the number of processes; metrics are combined across processes
+(:mod:`appo.train.distributed`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from appo.data.collate import encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
 from appo.rl import objectives, temporal
-from appo.rl.perception import perception_weights
+from appo.rl.perception import perception_weights, random_frame_attention, uniform_like
 from appo.rl.rewards import RewardSpec, score_responses
 from appo.rl.rollout import Rollout, concat_rollouts, generate, token_logprobs
 from appo.train import distributed as dist
@@ -241,7 +242,11 @@ class RLTrainer:
         rows = torch.arange(batch.rollout.prompt_ids.shape[0])
         return list(rows.split(self.cfg.groups_per_micro_batch * g))
 
-    def _loss(self, batch: Batch, rows: torch.Tensor, weights_cache: dict) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: Batch, rows: torch.Tensor, weights_cache: dict,
+              denominator: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The policy loss of micro-batch ``rows``: its share of the step's loss when
+        ``denominator`` is the step's :func:`objectives.aggregation_denominator` (see
+        :meth:`update`), else the micro-batch's own mean."""
         cfg, algo = self.cfg, self.algo
         part = batch.rollout.select(rows)
         inputs = {k: v.to(self.device) for k, v in part.model_inputs().items()}
@@ -249,7 +254,7 @@ class RLTrainer:
         mask = part.response_mask.to(self.device)
         perception = algo.perception.enabled and int(rows[0]) not in weights_cache
         recorder = None
-        if perception:
+        if perception and algo.perception.attention == "policy":  # random scores need no capture
             from appo.rl.frame_attention import FrameAttentionRecorder
 
             recorder = FrameAttentionRecorder(self.model, algo.perception.layers,
@@ -265,10 +270,12 @@ class RLTrainer:
         weights = None
         if algo.perception.enabled:
             if perception:
-                attn, _ = recorder.result()
+                attn, frame_valid = (recorder.result() if recorder is not None else
+                                     self._random_attention(mask, inputs["video_grid_thw"], rows))
                 weights_cache[int(rows[0])], pstats = self._perception_weights(
                     attn, mask, batch.correct[rows], hidden, logp,
-                    [batch.records[i] for i in rows[:: self.cfg.num_generations].tolist()])
+                    [batch.records[i] for i in rows[:: self.cfg.num_generations].tolist()],
+                    frame_valid=frame_valid)
                 stats.update(pstats)
             weights = weights_cache[int(rows[0])]
         ref = None
@@ -278,7 +285,7 @@ class RLTrainer:
             logp, old, batch.advantages[rows].to(self.device), mask,
             clip_low=algo.clip_low, clip_high=algo.clip_high, agg_mode=algo.agg_mode,
             token_weights=weights, weight_mode=algo.weight_mode, logp_ref=ref, beta=algo.beta,
-            max_len=cfg.max_new_tokens)
+            max_len=cfg.max_new_tokens, denominator=denominator)
         stats.update({k: float(v) for k, v in lstats.items()})
         with torch.no_grad():
             stats["entropy_proxy"] = float(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1))
@@ -292,12 +299,40 @@ class RLTrainer:
         with self.model.disable_adapter():
             return token_logprobs(self.model, inputs, response, self.cfg.temperature)[0]
 
+    def _random_attention(self, mask: torch.Tensor, video_grid_thw: torch.Tensor,
+                          rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attention: random``: seeded random frame scores in place of the captured attention.
+
+        Same ``([B, N, T], [B, T])`` as :meth:`FrameAttentionRecorder.result` (``T`` temporal
+        patches of the longest video, from ``video_grid_thw``). Each group draws from its own
+        generator seeded by (rl seed, step, global group index), independent of torch's global
+        RNG (the rollouts are untouched) and of the process count and micro-batching, so a run
+        and its resume see the same scores.
+        """
+        g = self.cfg.num_generations
+        frames = video_grid_thw[:, 0].long().to(mask.device)  # one video per row
+        frame_valid = torch.arange(int(frames.max()), device=mask.device)[None] < frames[:, None]
+        shape = (g, mask.shape[1], frame_valid.shape[1])
+        parts = []
+        for start in range(0, mask.shape[0], g):
+            group = self.rank * self.local_prompts + (int(rows[start]) // g)
+            seed = np.random.SeedSequence([self.cfg.seed, self.steps_done, group])
+            gen = torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+            parts.append(random_frame_attention(shape, mask[start:start + g].bool(), gen,
+                                                frame_valid[start:start + g]))
+        return torch.cat(parts), frame_valid
+
     def _perception_weights(self, attn, mask, correct, hidden, logp,
-                            group_records: list[VideoQA]) -> tuple[torch.Tensor, dict]:
-        """APPO token weights for each group of the micro-batch (one call per group)."""
+                            group_records: list[VideoQA],
+                            frame_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """APPO token weights for each group of the micro-batch (one call per group).
+
+        ``frame_valid`` ``[B, T]``: each row's existing frames (``attn`` is padded to the
+        micro-batch's longest video); a shorter video's padded frames are never crucial."""
         p, g = self.algo.perception, self.cfg.num_generations
         lm_head = self.model.get_output_embeddings()
-        per_frame = g * min(p.K, attn.shape[1]) * lm_head.out_features * 4  # fp32 bytes
+        K = p.tokens_per_frame(self.cfg.max_new_tokens)
+        per_frame = g * min(K, attn.shape[1]) * lm_head.out_features * 8  # f64 divergence copy
         frame_chunk = max(1, LOGP_BUDGET_BYTES // per_frame)
         weights, infos = [], []
         h_source = hidden if p.weights_grad else hidden.detach()
@@ -315,9 +350,13 @@ class RLTrainer:
 
             w, info = perception_weights(
                 attn[sl].to(self.device), mask[sl].bool(), correct[sl].to(self.device), logp_fn,
-                k_avg=p.k_avg, k_f=p.k_f, K=p.K, w_max=p.w_max, select_level=p.select_level,
+                k_avg=p.k_avg, k_f=p.k_f, K=K, w_max=p.w_max, select_level=p.select_level,
                 select_strategy=p.select_strategy, weights_grad=p.weights_grad,
-                frame_chunk=frame_chunk)
+                frame_chunk=frame_chunk,
+                frame_valid=None if frame_valid is None else frame_valid[sl].to(self.device))
+            if p.weights == "uniform":  # control: same total emphasis, spread evenly
+                w = uniform_like(w, mask[sl].bool().to(w.device))
+                info["weight_max"] = info["weight_mean"]  # every valid token has the mean
             weights.append(w.to(hidden.dtype) if not p.weights_grad else w)
             infos.append(info)
         stats = {
@@ -360,10 +399,17 @@ class RLTrainer:
     def update(self, batch: Batch) -> dict[str, float]:
         """mu passes of gradient-accumulated updates on this process's part of the batch.
 
-        Each micro-batch loss is weighted by its share of the local rows; the data-parallel
-        wrapper averages over processes, so with equal shares the gradient is the one of the
-        whole global batch. The update is skipped everywhere if any process saw a non-finite
-        loss or the (synchronised) gradient norm is not finite.
+        The step's loss is ONE aggregate over the global batch (e.g. token-mean: the mean over
+        all valid tokens of all processes), whatever the micro-batching: every micro-batch sums
+        its terms and divides by the global :func:`objectives.aggregation_denominator` (valid
+        tokens, or sequences for the seq-mean modes; summed over processes), times the number
+        of processes because the data-parallel wrapper averages their gradients. The update is
+        skipped everywhere if any process saw a non-finite loss or the (synchronised) gradient
+        norm is not finite.
+
+        APPO's token weights are computed once per group and reused by the mu passes, unless
+        ``perception.weights_grad``: weights that carry gradient are recomputed by every pass
+        (a pass's backward frees the graph they hang on).
         """
         micro = self._micro_batches(batch)
         self.policy.train()
@@ -371,15 +417,23 @@ class RLTrainer:
         stats_all: list[dict] = []
         grad_norm = 0.0
         params = [p for p in self.model.parameters() if p.requires_grad]
-        n_rows = batch.rollout.prompt_ids.shape[0]
+        local = objectives.aggregation_denominator(
+            [batch.rollout.response_mask[rows] for rows in micro], self.algo.agg_mode)
+        denominator = dist.sum_across(local, self.accelerator)
+        step_losses = []
         for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
+            if self.algo.perception.weights_grad:
+                weights_cache = {}
+            step_loss = 0.0
             for i, rows in enumerate(micro):
                 with dist.no_sync(self.policy, self.accelerator, last=i == len(micro) - 1):
-                    loss, stats = self._loss(batch, rows, weights_cache)
-                    (loss * len(rows) / n_rows).backward()
-                stats["loss"] = float(loss.detach())
+                    loss, stats = self._loss(batch, rows, weights_cache, denominator)
+                    (loss * self.world).backward()
+                stats["loss"] = float(loss.detach()) * self.world
+                step_loss += stats["loss"]
                 stats_all.append(stats)
+            step_losses.append(step_loss)  # the process mean of these is the global loss
             grad_norm = clip_gradients(params, self.cfg.max_grad_norm)
             ok = dist.all_true(np.isfinite(grad_norm)
                                and all(np.isfinite(s["loss"]) for s in stats_all),
@@ -395,6 +449,7 @@ class RLTrainer:
         metrics = dict(batch.metrics)
         keys = {k for s in stats_all for k in s}
         metrics.update({k: float(np.mean([s[k] for s in stats_all if k in s])) for k in keys})
+        metrics["loss"] = float(np.mean(step_losses))
         metrics["grad_norm"] = float(grad_norm)
         metrics["skipped_steps"] = float(self.skips.total)
         metrics["reward"] = float(batch.rewards.mean())

@@ -29,7 +29,7 @@ from appo.io import atomic_path, atomic_write_json, atomic_write_text
 from appo.tracking import read_metrics
 
 # Display order; other variants (new algorithm presets) follow alphabetically.
-ORDER = ("base", "sft", "grpo", "dapo", "appo", "tgrpo")
+ORDER = ("base", "sft", "grpo", "dapo", "appo", "appo-random", "appo-uniform", "tgrpo")
 CURVES = {"reward": "reward_curves", "accuracy": "train_accuracy_curves"}
 
 

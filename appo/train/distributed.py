@@ -46,6 +46,11 @@ def max_across(value: int, accelerator) -> int:
     return _reduce_int(value, "MAX", accelerator)
 
 
+def sum_across(value: int, accelerator) -> int:
+    """The total of ``value`` over all processes (e.g. the valid tokens of the global batch)."""
+    return _reduce_int(value, "SUM", accelerator)
+
+
 def all_true(flag: bool, accelerator) -> bool:
     """True only if ``flag`` holds on every process (e.g. every local loss is finite)."""
     return bool(_reduce_int(int(bool(flag)), "MIN", accelerator))

@@ -103,10 +103,23 @@ def _validate(cfg: SFTConfig) -> None:
         (len(cfg.betas) == 2, "sft.betas must be two numbers [beta1, beta2]"),
         (cfg.max_bad_steps >= 0, "sft.max_bad_steps must be >= 0"),
         (cfg.save_every >= 0, "sft.save_every must be >= 0"),
+        (isinstance(cfg.freeze_vision, bool) or cfg.freeze_vision == "auto",
+         "sft.freeze_vision must be true, false or auto"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def freeze_vision(cfg: SFTConfig, model: torch.nn.Module) -> bool:
+    """``sft.freeze_vision`` resolved: ``auto`` trains the tower only of the embedded tiny model.
+
+    A real Qwen2.5-VL's vision tower is pretrained and the APPO recipe keeps it frozen; the tiny
+    default's tower is random, so without training it nothing in the video can be perceived.
+    """
+    if isinstance(cfg.freeze_vision, bool):
+        return cfg.freeze_vision
+    return not getattr(model.config, "appo_embedded_tiny", False)
 
 
 def _fingerprint(cfg: SFTConfig, start: str, records: Sequence[VideoQA], seed: int) -> str:
@@ -163,7 +176,7 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
     if cfg.lora:
         lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     target_modules=cfg.lora_target_modules)
-    model = common.prepare_for_training(model, freeze_vision=cfg.freeze_vision,
+    model = common.prepare_for_training(model, freeze_vision=freeze_vision(cfg, model),
                                         gradient_checkpointing=cfg.gradient_checkpointing,
                                         lora=lora)
     n_trainable, n_total = common.count_parameters(model)

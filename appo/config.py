@@ -28,7 +28,8 @@ class SyntheticConfig:
     num_frames: int = 16  # frames written per video
     fps: float = 4.0
     size: int = 56  # square frame side in pixels
-    object_size: int = 14  # side of the flashed square/shape
+    object_size: int = 14  # side of the flashed squares and the grey distractors
+    shape_size: int = 28  # side of the flashed shape (flash_shape): a shape needs more pixels
     noise: float = 6.0  # std of per-pixel Gaussian noise (0-255 scale)
     distractors: int = 1  # grey distractor shapes per frame
     event_frames: int = 2  # a flash lasts this many frames (starts at a multiple of it)
@@ -188,7 +189,7 @@ DEFAULT_K = 128
 
 @dataclass
 class PerceptionConfig:
-    """APPO's token weighting (../shared/docs/appo-method.md sections 1-3, authors' defaults).
+    """APPO's token weighting (docs/method.md, with the authors' defaults).
 
     Perception tokens per crucial frame and response: set at most one of ``K`` (absolute; keep
     the paper's 128, or 512 for NExT-GQA, with a real model and long answers) and
@@ -373,6 +374,9 @@ class EvalConfig:
     # decoder layers whose attention decides the most-attended frame (perception hit rate);
     # [] turns the hit rate off
     perception_layers: list[int] = field(default_factory=lambda: [-1, -2, -3])
+    # > 0: also sample this many answers per question at temperature 1 and report
+    # sampled_accuracy (what RL optimises; greedy accuracy moves later)
+    samples: int = 0
 
 
 @dataclass

@@ -150,6 +150,9 @@ def test_report_marks_differences_inside_and_outside_the_ci(tmp_path, monkeypatc
     assert diffs["grpo-sft/test"]["inside_ci"] is True
     assert diffs["appo-sft/test"]["inside_ci"] is False
     assert diffs["appo-grpo/test"]["inside_ci"] is False
+    # exact McNemar: 2 of 2 discordant questions for grpo, 30 of 30 for appo
+    assert diffs["grpo-sft/test"]["p_value"] == pytest.approx(0.5)
+    assert diffs["appo-sft/test"]["p_value"] == pytest.approx(2 * 0.5**30)
     assert summary["appo"]["acc/test"] == pytest.approx(50 / 60)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "outside CI" in report and "appo vs sft on test" in report

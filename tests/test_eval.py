@@ -366,6 +366,46 @@ def test_hit_rate_hook_and_determinism(synthetic_data, noisy_policy):
         evaluate(model, processor, test, store, hit_rate_fn=lambda *args: [True], **kw)
 
 
+def test_sampled_accuracy_is_the_correct_share_of_the_temperature_1_samples(
+        synthetic_data, noisy_policy, monkeypatch):
+    import torch
+
+    from appo.eval import runner
+    from appo.eval.metrics import score_prediction
+
+    model, processor = noisy_policy
+    _, store, records = synthetic_data
+    test = records["test"][:5]
+    drawn = []
+    real_generate = runner.generate
+
+    def spy(*args, **kwargs):
+        out = real_generate(*args, **kwargs)
+        if kwargs.get("num_samples", 1) > 1:
+            assert kwargs["temperature"] == 1.0 and not kwargs.get("greedy", False)
+            drawn.append(out.texts)
+        return out
+
+    monkeypatch.setattr(runner, "generate", spy)
+    kw = dict(batch_size=2, max_new_tokens=8, benchmark_name="test", progress=False, samples=3)
+    torch.manual_seed(0)
+    rows, _ = evaluate(model, processor, test, store, **kw)
+    texts = [t for batch in drawn for t in batch]
+    assert len(texts) == 3 * len(test)
+    for j, (qa, row) in enumerate(zip(test, rows)):
+        expected = sum(score_prediction(qa, texts[3 * j + k])["correct"] for k in range(3)) / 3
+        assert row["sampled_accuracy"] == pytest.approx(expected)
+    stats = aggregate(rows)["overall"]
+    assert stats["sampled_accuracy"] == pytest.approx(
+        sum(r["sampled_accuracy"] for r in rows) / len(rows))
+    torch.manual_seed(0)
+    again, _ = evaluate(model, processor, test, store, **kw)
+    assert [r["sampled_accuracy"] for r in again] == [r["sampled_accuracy"] for r in rows]
+    greedy_only, _ = evaluate(model, processor, test, store, **{**kw, "samples": 0})
+    assert all("sampled_accuracy" not in r for r in greedy_only)
+    assert [r["response"] for r in greedy_only] == [r["response"] for r in rows]
+
+
 # ------------------------------------------------------------------------------------------
 # config and stage
 

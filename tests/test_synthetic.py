@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from appo.config import SyntheticConfig as Knobs
-from appo.data.synthetic import COLORS, FAMILIES, generate_split, make_question
+from appo.data.synthetic import COLORS, FAMILIES, QUADRANTS, generate_split, make_question
 
 
 def _color_visible(frame: np.ndarray, rgb, tol: float = 40) -> bool:
@@ -39,11 +39,21 @@ def test_count_matches_number_of_flashes(seed):
 
 
 def test_order_answer_is_the_earlier_colour():
-    for seed in range(6):
+    for seed in range(8):
         frames, fields = make_question("order", np.random.default_rng(seed), Knobs())
-        first = min(fields["key_frames"])
-        name = "red" if _color_visible(frames[first], COLORS["red"]) else "blue"
-        assert fields["answer"] == ("A" if name == "red" else "B")
+        first, last = min(fields["key_frames"]), max(fields["key_frames"])
+        seen_first = [n for n, rgb in COLORS.items() if _color_visible(frames[first], rgb)]
+        seen_last = [n for n, rgb in COLORS.items() if _color_visible(frames[last], rgb)]
+        assert len(seen_first) == 1 and len(seen_last) == 1 and seen_first != seen_last
+        assert fields["answer"] == "ABCD"[list(COLORS).index(seen_first[0])]
+
+
+def test_shapes_use_their_own_size():
+    knobs = Knobs(families=["flash_shape"], shape_size=24, noise=0.0, distractors=0)
+    frames, fields = make_question("flash_shape", np.random.default_rng(0), knobs)
+    lit = (np.abs(frames[fields["key_frames"][0]].astype(float) - COLORS["yellow"]).max(-1) < 40)
+    ys, xs = np.nonzero(lit)
+    assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 == 24
 
 
 def test_written_video_shows_answer_in_key_frames(tmp_path):
@@ -62,6 +72,20 @@ def test_written_video_shows_answer_in_key_frames(tmp_path):
 
 def test_families_are_balanced_and_unknown_is_rejected(tmp_path):
     records = generate_split(tmp_path, "val", 8, Knobs())
-    assert [r.family for r in records] == list(FAMILIES) * 2
+    assert [r.family for r in records] == list(Knobs().families) * 2
+    assert set(Knobs().families) <= set(FAMILIES)
     with pytest.raises(ValueError, match="unknown family"):
         make_question("nope", np.random.default_rng(0), Knobs())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_position_answer_is_the_quadrant_of_the_flash(seed):
+    knobs = Knobs()
+    frames, fields = make_question("flash_position", np.random.default_rng(seed), knobs)
+    lit = np.abs(frames[fields["key_frames"][0]].astype(float) - COLORS["green"]).max(-1) < 40
+    ys, xs = np.nonzero(lit)
+    half = knobs.size // 2
+    quadrant = 2 * int(ys.mean() >= half) + int(xs.mean() >= half)
+    assert (ys < half).all() or (ys >= half).all()  # wholly inside one quarter
+    assert fields["answer"] == "ABCD"[quadrant]
+    assert QUADRANTS[quadrant] in fields["process"]

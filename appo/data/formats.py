@@ -1,6 +1,6 @@
 """Readers for the public benchmark/dataset formats, each mapped to :class:`VideoQA`.
 
-Three formats are understood (field names: ``/work/shared/docs/benchmark-formats.md``):
+Three formats are understood:
 
 * ``videor1``: Video-R1 style JSON (Video-R1-260k, its CoT SFT file, Video-R1 eval files, the
   APPO paper's Perception Test file) and everything :meth:`VideoQA.to_json` writes;

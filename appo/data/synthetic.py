@@ -9,10 +9,12 @@ frames (what :mod:`appo.data.frames` does) always keeps at least one frame of ea
 Families (answer formats are mixed: option letters and numbers):
 - ``flash_color``: which colour was the square that flashed? (multiple choice, 4 options)
 - ``flash_shape``: which shape flashed? (multiple choice, 4 options)
+- ``flash_position``: in which quarter of the frame did the square flash? (multiple choice, 4)
 - ``count``: how many times did the white square flash? (numerical, 1-3)
-- ``order``: which colour flashed first? (multiple choice, 2 options)
+- ``order``: two squares of different colours flash; which colour came first? (multiple
+  choice, the 4 colours: both flashes must be seen, and their order)
 Options are listed in a fixed order per family: binding a shuffled letter is a language skill
-that a from-scratch model learns far slower than perception (../shared/docs calibration).
+that a from-scratch model learns far slower than perception.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ COLORS = {
     "yellow": (230, 210, 40),
 }
 SHAPES = ("square", "circle", "triangle", "cross")
-FAMILIES = ("flash_color", "flash_shape", "count", "order")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+FAMILIES = ("flash_color", "flash_shape", "flash_position", "count", "order")
 SPLIT_SEEDS = {"sft": 1, "rl": 2, "val": 3, "test": 4}
 
 
@@ -71,21 +74,33 @@ class _Painter:
                 xt = int(np.clip(x + dx * t, 0, s - knobs.object_size))
                 self._paint(t, shape, (grey, grey, grey), yt, xt)
 
-    def _free_position(self) -> tuple[int, int]:
-        hi = self.k.size - self.k.object_size + 1
+    def _free_position(self, side: int | None = None) -> tuple[int, int]:
+        hi = self.k.size - (side or self.k.object_size) + 1
         return int(self.rng.integers(hi)), int(self.rng.integers(hi))
 
-    def _paint(self, t: int, shape: str, color: tuple[float, ...], y: int, x: int) -> None:
-        o = self.k.object_size
+    def _paint(self, t: int, shape: str, color: tuple[float, ...], y: int, x: int,
+               side: int | None = None) -> None:
+        o = side or self.k.object_size
         mask = _shape_mask(shape, o)
         self.frames[t, y : y + o, x : x + o][mask] = color
 
-    def flash(self, start: int, shape: str, color: tuple[float, ...]) -> list[int]:
-        """Show ``shape`` for ``event_frames`` frames from ``start``; returns those indices."""
-        y, x = self._free_position()
+    def in_quadrant(self, quadrant: int) -> tuple[int, int]:
+        """A position whose square lies wholly inside ``QUADRANTS[quadrant]`` of the frame."""
+        half, o = self.k.size // 2, self.k.object_size
+        if o > half:
+            raise ValueError("object_size must be at most half the frame size for flash_position")
+        y = int(self.rng.integers(half - o + 1)) + half * (quadrant // 2)
+        x = int(self.rng.integers(half - o + 1)) + half * (quadrant % 2)
+        return y, x
+
+    def flash(self, start: int, shape: str, color: tuple[float, ...],
+              side: int | None = None, at: tuple[int, int] | None = None) -> list[int]:
+        """Show ``shape`` (``side`` pixels, default ``object_size``) for ``event_frames`` frames
+        from ``start``, at ``at`` (else a random position); returns those frame indices."""
+        y, x = at if at is not None else self._free_position(side)
         idx = list(range(start, start + self.k.event_frames))
         for t in idx:
-            self._paint(t, shape, color, y, x)
+            self._paint(t, shape, color, y, x, side)
         return idx
 
     def render(self) -> np.ndarray:
@@ -122,13 +137,25 @@ def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig)
         )
     elif family == "flash_shape":
         shape = SHAPES[rng.integers(len(SHAPES))]
-        keys = painter.flash(int(slots[0]) * e, shape, COLORS["yellow"])
+        keys = painter.flash(int(slots[0]) * e, shape, COLORS["yellow"], knobs.shape_size)
         fields = dict(
             problem="Which shape flashed in yellow?",
             problem_type="multiple choice",
             options=_lettered(list(SHAPES)),
             answer="ABCD"[SHAPES.index(shape)],
             process=f"At {_seconds(keys[0], knobs)} a yellow {shape} flashes.",
+        )
+    elif family == "flash_position":
+        quadrant = int(rng.integers(len(QUADRANTS)))
+        keys = painter.flash(int(slots[0]) * e, "square", COLORS["green"],
+                             at=painter.in_quadrant(quadrant))
+        fields = dict(
+            problem="Where did the green square flash?",
+            problem_type="multiple choice",
+            options=_lettered(list(QUADRANTS)),
+            answer="ABCD"[quadrant],
+            process=f"At {_seconds(keys[0], knobs)} a green square flashes in the "
+                    f"{QUADRANTS[quadrant]}.",
         )
     elif family == "count":
         count = int(rng.integers(1, 4))
@@ -143,14 +170,14 @@ def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig)
             process=f"A white square flashes at {times}.",
         )
     elif family == "order":
-        first, second = ("red", "blue") if rng.random() < 0.5 else ("blue", "red")
+        first, second = (list(COLORS)[i] for i in rng.choice(len(COLORS), 2, replace=False))
         a, b = sorted(int(s) * e for s in _spaced_slots(slots, 2))
         keys = painter.flash(a, "square", COLORS[first]) + painter.flash(b, "square", COLORS[second])
         fields = dict(
             problem="Which colour flashed first?",
             problem_type="multiple choice",
-            options=_lettered(["red", "blue"]),
-            answer="A" if first == "red" else "B",
+            options=_lettered(list(COLORS)),
+            answer="ABCD"[list(COLORS).index(first)],
             process=(
                 f"A {first} square flashes at {_seconds(a, knobs)}, "
                 f"a {second} one at {_seconds(b, knobs)}."

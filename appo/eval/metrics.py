@@ -116,7 +116,8 @@ def group_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     ``n``, ``correct`` (count), ``accuracy`` and ``ci95`` [lo, hi] (Wilson), ``reward`` (mean
     accuracy reward, e.g. MRA for regression), ``missing`` (rows whose media were missing,
-    scored wrong), and only where some row has a value: ``mIoU`` with ``n_iou``, and
+    scored wrong), and only where some row has a value: ``mIoU`` with ``n_iou``,
+    ``sampled_accuracy`` (mean over rows of the fraction of correct temperature-1 samples) and
     ``perception_hit_rate`` with ``n_perception`` (fraction over rows with a value).
     """
     n = len(rows)
@@ -135,6 +136,9 @@ def group_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if ious:
         stats["mIoU"] = sum(ious) / len(ious)
         stats["n_iou"] = len(ious)
+    sampled = [float(r["sampled_accuracy"]) for r in rows if r.get("sampled_accuracy") is not None]
+    if sampled:
+        stats["sampled_accuracy"] = sum(sampled) / len(sampled)
     hits = [bool(r["perception_hit"]) for r in rows if r.get("perception_hit") is not None]
     if hits:
         stats["perception_hit_rate"] = sum(hits) / len(hits)

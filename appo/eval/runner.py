@@ -69,8 +69,14 @@ def evaluate(
     hit_rate_fn: HitRateFn | None = None,
     progress: bool = True,
     cache: str = "auto",
+    samples: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Greedy-decode every question and score it; returns ``(rows, report)``.
+
+    ``samples`` > 0 also draws that many responses per question at temperature 1 (the RL
+    sampling distribution; seed torch's RNG first for reproducible numbers) and adds
+    ``sampled_accuracy``, the fraction of them that are correct: RL first sharpens the sampled
+    distribution, which greedy accuracy can hide.
 
     ``store`` is the frame cache holding the records' videos (None: nothing is cached, every
     question is missing). Each row has ``problem_id``, ``benchmark``, ``family``,
@@ -113,11 +119,19 @@ def evaluate(
                 if len(hits) != len(idx):
                     raise ValueError(f"hit_rate_fn returned {len(hits)} values for a batch of "
                                      f"{len(idx)} questions")
+            sampled: list[float | None] = [None] * len(idx)
+            if samples > 0:
+                drawn = generate(model, processor, batch, num_samples=samples,
+                                 max_new_tokens=max_new_tokens, temperature=1.0, cache=cache)
+                sampled = [sum(score_prediction(qa, drawn.texts[j * samples + k])["correct"]
+                               for k in range(samples)) / samples
+                           for j, qa in enumerate(batch_records)]
             for j, i in enumerate(idx):
                 hit = hits[j]
+                extra = {} if sampled[j] is None else {"sampled_accuracy": sampled[j]}
                 rows[i] = _row(records[i], benchmark_name, rollout.texts[j],
                                truncated=bool(rollout.truncated[j]), missing=False,
-                               perception_hit=None if hit is None else bool(hit))
+                               perception_hit=None if hit is None else bool(hit), **extra)
     finally:
         if was_training:
             model.train()
@@ -130,8 +144,9 @@ def evaluate(
         missing_list.append({"problem_id": qa.problem_id, "benchmark": benchmark_name,
                              "reason": reason})
         if missing == "wrong":
+            extra = {"sampled_accuracy": 0.0} if samples > 0 else {}
             rows[i] = _row(qa, benchmark_name, None, truncated=False, missing=True,
-                           perception_hit=None)
+                           perception_hit=None, **extra)
 
     ordered = [rows[i] for i in sorted(rows)]
     report = {

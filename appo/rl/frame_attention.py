@@ -1,4 +1,4 @@
-"""Frame attention of every response token, exact, without eager attention (spec section 1, 5).
+"""Frame attention of every response token, exact, without eager attention (docs/method.md, step 1).
 
 ``a[b, n, t]`` is the attention probability that the query predicting response token ``n`` of row
 ``b`` puts on the visual tokens of temporal patch ("frame") ``t``: averaged over the selected

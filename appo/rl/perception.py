@@ -1,8 +1,8 @@
-"""APPO crucial frames, intra-group perception tokens and token weights (spec sections 2-3).
+"""APPO crucial frames, intra-group perception tokens and token weights (docs/method.md, steps 2-6).
 
 Everything here works on ONE group of ``G`` sampled responses to the same prompt and is written
 as vectorised torch code (no Python loops over tokens or responses).  Notation, following
-``docs/appo-method.md``:
+``docs/method.md``:
 
 * ``attn`` ``[G, N, T]``: ``a[i, n, t]``, attention of response token ``n`` of response ``i``
   to frame (temporal patch) ``t``; zero at padding.
@@ -395,7 +395,7 @@ def perception_weights(
     frame_chunk: int | None = None,
     frame_valid: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """w[i, n] = 1 + (w_max - 1) * u[i, n]: APPO token weights for one group (spec sections 2-3).
+    """w[i, n] = 1 + (w_max - 1) * u[i, n]: APPO token weights for one group (docs/method.md).
 
     Composes :func:`frame_scores`, :func:`crucial_frames`, :func:`perception_token_index`,
     :func:`aligned_divergence`, :func:`minmax` and :func:`scatter_token_weights`.

@@ -52,6 +52,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.batch_size}")
     if cfg.max_new_tokens < 1:
         raise ConfigError(f"'eval.max_new_tokens' must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.samples < 0:
+        raise ConfigError(f"'eval.samples' must be >= 0 (0 = greedy only), got {cfg.samples}")
     for name in [*cfg.splits, *cfg.benchmarks]:
         if not _NAME_RE.match(name):
             raise ConfigError(f"eval benchmark name {name!r} may only use letters, digits, "
@@ -89,7 +91,8 @@ def load_benchmarks(
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Numeric metrics for the tracker: ``overall/accuracy``, ``<bench>/mIoU``, ``family/..``."""
-    keys = ("accuracy", "reward", "mIoU", "perception_hit_rate", "n", "missing")
+    keys = ("accuracy", "sampled_accuracy", "reward", "mIoU", "perception_hit_rate", "n",
+            "missing")
 
     def put(out: dict[str, float], prefix: str, stats: dict[str, Any]) -> None:
         for key in keys:
@@ -158,7 +161,7 @@ def run(
         bench_rows, report = evaluate(
             model, processor, records, store, batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens, benchmark_name=bench, missing=cfg.missing,
-            hit_rate_fn=hit_rate_fn)
+            hit_rate_fn=hit_rate_fn, samples=cfg.samples)
         rows.extend(bench_rows)
         missing.extend(report["missing"])
         if report["missing"]:

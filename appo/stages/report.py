@@ -102,6 +102,7 @@ def comparison_rows(res: Results) -> list[dict[str, Any]]:
             row[f"ci_lo/{bench}"], row[f"ci_hi/{bench}"] = lo, hi
             row[f"n/{bench}"] = stats.get("n")
         overall = m.get("overall", {})
+        row["sampled_accuracy"] = overall.get("sampled_accuracy")
         row["perception_hit_rate"] = overall.get("perception_hit_rate")
         row["eval_reward"] = overall.get("reward")
         rl = res.rl.get(variant, {})
@@ -116,23 +117,22 @@ def comparison_rows(res: Results) -> list[dict[str, Any]]:
 
 def paired_difference(a: dict[tuple[str, str], bool], b: dict[tuple[str, str], bool],
                       keys: list[tuple[str, str]]) -> dict[str, Any] | None:
-    """Accuracy difference a - b on the same questions with its paired 95% CI.
+    """Accuracy difference a - b on the same questions: paired bootstrap 95% CI, exact McNemar
+    p-value and the minimal detectable effect of this comparison (:mod:`appo.eval.stats`).
 
-    Per question d = correct_a - correct_b in {-1, 0, 1}; mean +- 1.96 standard errors of d
-    (sample standard deviation; the Wald interval for paired proportions). ``inside_ci``: the
-    interval contains 0, i.e. the difference is within noise at this sample size.
+    ``inside_ci``: the interval contains 0, i.e. the difference is within noise at this size.
     """
-    from appo.eval.metrics import Z95
+    from appo.eval.stats import mcnemar, minimal_detectable_effect, paired_bootstrap
 
-    d = [float(a[k]) - float(b[k]) for k in keys if k in a and k in b]
-    if not d:
+    shared = [k for k in keys if k in a and k in b]
+    if not shared:
         return None
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
-    half = Z95 * math.sqrt(var / n)
-    lo, hi = mean - half, mean + half
-    return {"n": n, "diff": mean, "ci95": [lo, hi], "inside_ci": lo <= 0.0 <= hi}
+    xa, xb = [bool(a[k]) for k in shared], [bool(b[k]) for k in shared]
+    boot = paired_bootstrap(xa, xb)
+    test = mcnemar(xa, xb)
+    discordant = (test["a_only"] + test["b_only"]) / len(shared)
+    return {**boot, "p_value": test["p_value"], "a_only": test["a_only"],
+            "b_only": test["b_only"], "mde": minimal_detectable_effect(len(shared), discordant)}
 
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
@@ -193,13 +193,17 @@ def render_markdown(res: Results, diffs: list[dict[str, Any]]) -> str:
              "and steps. Accuracy in %, 95% CI in brackets (Wilson).", ""]
 
     lines += ["## Final accuracy per benchmark", ""]
+    rows = comparison_rows(res)
+    sampled = any(row["sampled_accuracy"] is not None for row in rows)
     head = ["variant", *[f"{b} (n={_first_n(res, b)})" for b in res.benchmarks],
+            *(["sampled acc % (T=1)"] if sampled else []),
             "perception hit %", "eval reward", "RL reward (last 5 steps)", "train time s"]
     table = []
-    for row in comparison_rows(res):
+    for row in rows:
         v = row["variant"]
         table.append([v, *[_acc_ci(res.evals.get(v, {}).get("benchmarks", {}).get(b, {}))
                           for b in res.benchmarks],
+                      *([_pct(row["sampled_accuracy"])] if sampled else []),
                       _pct(row["perception_hit_rate"]), _num(row["eval_reward"]),
                       _num(row["rl_final_reward"]), _num(row["train_time_s"], ".1f")])
     lines += _md_table(head, table)
@@ -228,16 +232,21 @@ def render_markdown(res: Results, diffs: list[dict[str, Any]]) -> str:
                   f"{_num(res.sft.get('train_time_s'), '.1f')} s.", ""]
 
     lines += ["## Differences and their 95% CI", "",
-              "Paired over the same questions: d = correct(a) - correct(b) per question, "
-              "mean +- 1.96 SE. *inside CI* means the interval contains 0: the difference is "
-              "not distinguishable from noise at this sample size.", ""]
+              "Paired over the same questions: d = correct(a) - correct(b) per question; 95% CI "
+              "from 10,000 paired bootstrap resamples of the questions; p from the exact "
+              "McNemar test on the questions only one of the two got right (a only / b only); "
+              "MDE = the smallest true difference this comparison detects with 80% power. "
+              "*inside CI* means the interval contains 0: not distinguishable from noise at "
+              "this sample size.", ""]
     if diffs:
         table = [[f"{d['a']} - {d['b']}", d["group"],
                   "inside CI" if d["inside_ci"] else "**outside CI**", str(d["n"]),
                   f"{100 * d['diff']:+.1f}",
-                  f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"] for d in diffs]
-        lines += _md_table(["a - b", "group", "verdict", "n", "diff pp", "95% CI pp"], table,
-                           text_columns=3)
+                  f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]",
+                  f"{d['a_only']} / {d['b_only']}", f"{d['p_value']:.3g}",
+                  f"{100 * d['mde']:.1f}"] for d in diffs]
+        lines += _md_table(["a - b", "group", "verdict", "n", "diff pp", "95% CI pp",
+                            "a only / b only", "McNemar p", "MDE pp"], table, text_columns=3)
         outside = [f"{d['a']} vs {d['b']} on {d['group']}" for d in diffs if not d["inside_ci"]]
         lines += [("Outside the CI (distinguishable): " + "; ".join(outside) + ".") if outside
                   else "Every difference is inside its 95% CI: none is distinguishable.", ""]
@@ -276,7 +285,7 @@ def summary(res: Results, diffs: list[dict[str, Any]]) -> dict[str, Any]:
     benchmarks = set(res.benchmarks)  # families stay in report.md: keep `dvc metrics` short
     out["differences"] = {f"{d['a']}-{d['b']}/{d['group']}": {
         "diff": d["diff"], "ci_lo": d["ci95"][0], "ci_hi": d["ci95"][1],
-        "inside_ci": d["inside_ci"]} for d in diffs if d["group"] in benchmarks}
+        "inside_ci": d["inside_ci"], "p_value": d["p_value"]} for d in diffs if d["group"] in benchmarks}
     return out
 
 

@@ -414,3 +414,8 @@ class SFTConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept under <out_dir>/checkpoints
     resume: bool = True  # continue from the newest checkpoint of an identical config
     seed: int | None = None  # data order and init RNG; null -> the top-level seed
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.freeze_vision, bool) and self.freeze_vision != "auto":
+            raise ConfigError(f"'sft.freeze_vision' is {self.freeze_vision!r}; expected true, "
+                              "false or auto")

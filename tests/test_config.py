@@ -99,3 +99,15 @@ def test_appo_control_presets_differ_from_appo_in_one_knob_each():
         appo.perception, weights="uniform")) == cfg.algorithm("appo-uniform")
     assert appo.perception.K_fraction is not None
     assert appo.perception.tokens_per_frame(cfg.max_new_tokens) < cfg.max_new_tokens
+
+
+def test_sft_freeze_vision_accepts_true_false_or_auto(tmp_path):
+    from appo.config import ConfigError, SFTConfig, load_section
+
+    for value in (True, False, "auto"):
+        path = tmp_path / "p.yaml"
+        path.write_text(f"sft: {{freeze_vision: {str(value).lower()}}}\n")
+        assert load_section(SFTConfig, "sft", path).freeze_vision == value
+    path.write_text("sft: {freeze_vision: sometimes}\n")
+    with pytest.raises(ConfigError, match="sft.freeze_vision"):
+        load_section(SFTConfig, "sft", path)

@@ -103,8 +103,6 @@ def _validate(cfg: SFTConfig) -> None:
         (len(cfg.betas) == 2, "sft.betas must be two numbers [beta1, beta2]"),
         (cfg.max_bad_steps >= 0, "sft.max_bad_steps must be >= 0"),
         (cfg.save_every >= 0, "sft.save_every must be >= 0"),
-        (isinstance(cfg.freeze_vision, bool) or cfg.freeze_vision == "auto",
-         "sft.freeze_vision must be true, false or auto"),
     ]
     for ok, message in checks:
         if not ok:

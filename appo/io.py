@@ -77,7 +77,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
-    """Encode uint8 frames [T, H, W, 3] as H.264 (yuv420p, near-lossless) with PyAV."""
+    """Encode uint8 frames [T, H, W, 3] as lossless H.264 (yuv420p, qp 0) with PyAV.
+
+    Lossless on purpose: lossy x264 here is not deterministic (the same frames encoded twice
+    decode to pixels differing by up to 7 in a few percent of videos), which made the data
+    stage, and everything trained on it, differ between two runs of the same pipeline.
+    """
     import av  # local import: only the data stage writes videos
 
     with atomic_path(path) as tmp:
@@ -85,7 +90,7 @@ def atomic_write_video(path: str | Path, frames: np.ndarray, fps: float) -> None
             stream = container.add_stream("libx264", rate=_fps_fraction(fps))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "4", "preset": "veryfast"}
+            stream.options = {"qp": "0", "preset": "veryfast"}
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)

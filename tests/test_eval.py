@@ -412,7 +412,7 @@ def test_sampled_accuracy_is_the_correct_share_of_the_temperature_1_samples(
 
 def test_eval_config_section():
     cfg = load_section(EvalConfig, "eval", Path(__file__).parents[1] / "params.yaml")
-    assert cfg.batch_size == 16 and cfg.max_new_tokens == 64 and cfg.missing == "wrong"
+    assert cfg.batch_size == 64 and cfg.max_new_tokens == 64 and cfg.missing == "wrong"
     assert cfg.splits == ["test"] and cfg.benchmarks == {}
 
     from appo.stages.eval import check_config

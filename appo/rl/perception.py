@@ -517,10 +517,7 @@ def random_frame_attention(
         raise ValueError(f"mask must be [G, N] = {(G, N)}, got {tuple(mask.shape)}")
     scores = torch.rand(G, N, T, generator=generator, device=generator.device,
                         dtype=torch.float32).to(device=mask.device, dtype=dtype)
-    keep = mask.bool()[:, :, None]
-    if frame_valid is not None:
-        fv = frame_valid.bool().to(mask.device)
-        keep = keep & (fv[None, None, :] if fv.dim() == 1 else fv[:, None, :])
+    keep = mask.bool()[:, :, None] & _frame_valid(frame_valid, G, T, mask.device)[:, None, :]
     return torch.where(keep, scores, torch.zeros_like(scores))
 
 

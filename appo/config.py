@@ -30,6 +30,10 @@ class SyntheticConfig:
     size: int = 56  # square frame side in pixels
     object_size: int = 14  # side of the flashed squares and the grey distractors
     shape_size: int = 28  # side of the flashed shape (flash_shape): a shape needs more pixels
+    # flash_shape is placed at multiples of this many pixels (0: anywhere). A shape cut at a
+    # random offset across the tiny model's 14-pixel patches stayed at chance after SFT.
+    shape_grid: int = 14
+    count_max: int = 4  # count: the white square flashes 1..count_max times
     noise: float = 6.0  # std of per-pixel Gaussian noise (0-255 scale)
     distractors: int = 1  # grey distractor shapes per frame
     event_frames: int = 2  # a flash lasts this many frames (starts at a multiple of it)

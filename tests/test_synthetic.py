@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from appo.config import SyntheticConfig as Knobs
-from appo.data.synthetic import COLORS, FAMILIES, QUADRANTS, generate_split, make_question
+from appo.data.synthetic import (
+    COLORS,
+    FAMILIES,
+    QUADRANTS,
+    _spaced_slots,
+    generate_split,
+    make_question,
+)
 
 
 def _color_visible(frame: np.ndarray, rgb, tol: float = 40) -> bool:
@@ -30,8 +37,9 @@ def test_colour_answer_is_visible_only_in_key_frames(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_count_matches_number_of_flashes(seed):
-    knobs = Knobs()
+@pytest.mark.parametrize("count_max", [3, 4])
+def test_count_matches_number_of_flashes(seed, count_max):
+    knobs = Knobs(count_max=count_max)
     frames, fields = make_question("count", np.random.default_rng(seed), knobs)
     lit = [t for t in range(len(frames)) if _color_visible(frames[t], (250, 250, 250))]
     assert lit == list(fields["key_frames"])
@@ -46,6 +54,31 @@ def test_order_answer_is_the_earlier_colour():
         seen_last = [n for n, rgb in COLORS.items() if _color_visible(frames[last], rgb)]
         assert len(seen_first) == 1 and len(seen_last) == 1 and seen_first != seen_last
         assert fields["answer"] == "ABCD"[list(COLORS).index(seen_first[0])]
+
+
+def test_spaced_slots_are_separate_and_cover_every_arrangement():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(2000):
+        picks = _spaced_slots(rng, 8, 4)
+        assert sorted(picks) == picks and all(b - a >= 2 for a, b in zip(picks, picks[1:]))
+        seen.add(tuple(picks))
+    # C(8 - 4 + 1, 4) = 5 arrangements of 4 separate flashes in 8 slots; all of them occur
+    assert seen == {(0, 2, 4, 6), (0, 2, 4, 7), (0, 2, 5, 7), (0, 3, 5, 7), (1, 3, 5, 7)}
+    with pytest.raises(ValueError, match="count_max"):
+        _spaced_slots(rng, 8, 5)
+
+
+def test_shape_grid_places_the_shape_on_patch_multiples():
+    knobs = Knobs(families=["flash_shape"], shape_grid=14, noise=0.0, distractors=0)
+    corners = set()
+    for seed in range(12):
+        frames, fields = make_question("flash_shape", np.random.default_rng(seed), knobs)
+        lit = np.abs(frames[fields["key_frames"][0]].astype(float) - COLORS["yellow"]).max(-1) < 40
+        ys, xs = np.nonzero(lit)
+        assert ys.min() % 14 == 0 and xs.min() % 14 == 0
+        corners.add((int(ys.min()), int(xs.min())))
+    assert len(corners) > 3  # still a random place on the grid
 
 
 def test_shapes_use_their_own_size():
@@ -89,3 +122,11 @@ def test_position_answer_is_the_quadrant_of_the_flash(seed):
     assert (ys < half).all() or (ys >= half).all()  # wholly inside one quarter
     assert fields["answer"] == "ABCD"[quadrant]
     assert QUADRANTS[quadrant] in fields["process"]
+
+
+def test_split_is_the_same_with_any_number_of_encoding_workers(tmp_path):
+    one = generate_split(tmp_path / "one", "val", 6, Knobs(), workers=1)
+    two = generate_split(tmp_path / "two", "val", 6, Knobs(), workers=2)
+    assert one == two
+    for qa in one:
+        assert (tmp_path / "one" / qa.video).read_bytes() == (tmp_path / "two" / qa.video).read_bytes()

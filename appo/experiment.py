@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from appo.config import ConfigError, load_yaml
 from appo.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -190,19 +192,48 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _outcomes(predictions: Path, split: str) -> dict[str, float]:
+    """problem id -> 1.0 / 0.0 (correct or not) for one eval run's questions of ``split``."""
+    return {r["problem_id"]: float(bool(r.get("correct"))) for r in _rows(predictions)
+            if "problem_id" in r and r.get("benchmark", split) == split}
+
+
+def paired_difference(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]
+                      ) -> dict[str, Any] | None:
+    """Accuracy difference a - b over the questions both answered, on the seeds both ran
+    (a seed-independent baseline such as SFT, given as one seed, pairs with every seed), with
+    the seeds-and-questions bootstrap of :func:`appo.eval.stats.paired_bootstrap`."""
+    from appo.eval.stats import paired_bootstrap
+
+    if not a or not b:
+        return None
+    seeds = sorted(set(a) & set(b)) if len(b) > 1 else sorted(a)
+    b_of = (lambda s: b[s]) if len(b) > 1 else (lambda s: next(iter(b.values())))
+    questions = sorted(set.intersection(*(set(a[s]) & set(b_of(s)) for s in seeds))) if seeds else []
+    if not questions:
+        return None
+    xa = np.array([[a[s][q] for q in questions] for s in seeds])
+    xb = np.array([[b_of(s)[q] for q in questions] for s in seeds])
+    boot = paired_bootstrap(xa, xb)
+    return {"mean": boot["diff"], "ci95": boot["ci95"], "mde": boot["mde"], "seeds": seeds,
+            "questions": len(questions), "inside_noise": boot["inside_ci"]}
+
+
 def aggregate(exp: Experiment, root: Path) -> dict[str, Any]:
     """Per (variant, algorithm): accuracy and per-family accuracy over seeds (mean, 95% CI),
     perception hit rate, train time; paired per-seed differences between the main variant's
     algorithms; written to ``results.json``, ``results.md`` and PNG plots under ``root``."""
     table: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[list[float]]] = {}
+    outcomes: dict[str, dict[int, dict[str, float]]] = {}
     per_seed: dict[str, dict[int, float]] = {}
     baselines: dict[str, dict[str, Any]] = {}
     for variant in exp.variants:
         for algo in variant.algorithms:
             key = algo if variant.name == "main" else f"{algo} [{variant.name}]"
-            accs, hits, times, rewards = {}, [], [], []
+            accs, hits, times, rewards, aucs = {}, [], [], [], []
             families: dict[str, list[float]] = {}
+            outcomes[key] = {}
             for seed in variant.seeds:
                 d = run_dir(root.parent, exp, variant, seed) / algo
                 ev, rl = _read(d / "eval_metrics.json"), _read(d / "rl_metrics.json")
@@ -217,9 +248,13 @@ def aggregate(exp: Experiment, root: Path) -> dict[str, Any]:
                 if rl:
                     times.append(rl.get("train_time_s", math.nan))
                     rewards.append(rl.get("final_reward", math.nan))
-                curve = [r["reward"] for r in _rows(d / "rl_metrics.jsonl") if "reward" in r]
-                if curve and variant.name == "main":
-                    curves.setdefault(algo, []).append(curve)
+                outcomes[key][seed] = _outcomes(d / "eval_predictions.jsonl", exp.split)
+                rows = _rows(d / "rl_metrics.jsonl")
+                curve = [r["accuracy"] for r in rows if "accuracy" in r and "step" in r]
+                if curve:
+                    aucs.append(sum(curve) / len(curve))
+                    if variant.name == "main":
+                        curves.setdefault(algo, []).append(curve)
             if not accs:
                 continue
             per_seed[key] = accs
@@ -230,6 +265,7 @@ def aggregate(exp: Experiment, root: Path) -> dict[str, Any]:
                 "perception_hit_rate": mean_ci(hits)[0] if hits else None,
                 "train_time_s": mean_ci(times)[0] if times else None,
                 "final_reward": mean_ci(rewards)[0] if rewards else None,
+                "rl_accuracy_auc": mean_ci(aucs) if aucs else None,
             }
     for base in BASELINES:  # seed-independent: the first run that has them
         for variant, seed in exp.runs():
@@ -240,16 +276,15 @@ def aggregate(exp: Experiment, root: Path) -> dict[str, Any]:
                     "accuracy": bench["accuracy"], "ci95": bench.get("ci95"),
                     "families": {f: s["accuracy"] for f, s in ev.get("by_family", {}).items()},
                     "perception_hit_rate": ev.get("overall", {}).get("perception_hit_rate")}
+                outcomes[base] = {seed: _outcomes(run_dir(root.parent, exp, variant, seed) / base
+                                                  / "eval_predictions.jsonl", exp.split)}
                 break
     main = [a for a in exp.algorithms if a in table]
-    differences = {}
-    for i, a in enumerate(main):
-        for b in main[i + 1:]:
-            common = sorted(set(per_seed[a]) & set(per_seed[b]))
-            diffs = [per_seed[a][s] - per_seed[b][s] for s in common]
-            mean, half = mean_ci(diffs)
-            differences[f"{a}-{b}"] = {"mean": mean, "ci95_half": half, "seeds": common,
-                                       "inside_noise": not (half < abs(mean))}
+    pairs = [(a, b) for i, a in enumerate(main) for b in main[i + 1:]]
+    pairs += [(k, k.split(" [")[0]) for k in table if k not in main]  # ablation vs its algorithm
+    pairs += [(a, "sft") for a in table if "sft" in outcomes]
+    differences = {f"{a}-{b}": d for a, b in pairs
+                   if (d := paired_difference(outcomes.get(a, {}), outcomes.get(b, {})))}
     result = {"name": exp.name, "split": exp.split, "table": table, "baselines": baselines,
               "differences": differences}
     root.mkdir(parents=True, exist_ok=True)
@@ -270,7 +305,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     table, baselines = result["table"], result["baselines"]
     families = sorted({f for row in table.values() for f in row["families"]})
     head = ["variant", "seeds", f"{result['split']} acc % (95% CI over seeds)", *families,
-            "perception hit %", "RL final reward", "train time s"]
+            "perception hit %", "RL accuracy AUC %", "train time s"]
     lines = [f"# Experiment `{result['name']}` ({result['split']} split)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, b in baselines.items():
@@ -289,13 +324,17 @@ def render_markdown(result: dict[str, Any]) -> str:
             name, ",".join(map(str, row["seeds"])), _pct(row["accuracy"]), *fams,
             num(None if row["perception_hit_rate"] is None else 100 * row["perception_hit_rate"],
                 ".1f"),
-            num(row["final_reward"], ".3f"), num(row["train_time_s"], ".1f")]) + " |")
+            _pct(row["rl_accuracy_auc"]) if row.get("rl_accuracy_auc") else "-",
+            num(row["train_time_s"], ".1f")]) + " |")
     if result["differences"]:
-        lines += ["", "Paired differences (same seeds), accuracy points, mean ± 95% CI:", ""]
+        lines += ["", "Paired differences in accuracy points: mean, 95% bootstrap interval over "
+                  "seeds and questions, and the minimal detectable effect (80% power):", ""]
         for pair, d in result["differences"].items():
             verdict = "inside the noise" if d["inside_noise"] else "outside the noise"
-            half = "n/a" if math.isnan(d["ci95_half"]) else f"{100 * d['ci95_half']:.1f}"
-            lines.append(f"- {pair}: {100 * d['mean']:+.1f} ± {half} ({verdict})")
+            lo, hi = d["ci95"]
+            lines.append(f"- {pair}: {100 * d['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+                         f"MDE {100 * d['mde']:.1f} ({verdict}; {len(d['seeds'])} seeds x "
+                         f"{d['questions']} questions)")
     return "\n".join(lines) + "\n"
 
 
@@ -313,10 +352,10 @@ def _plot(root: Path, curves: dict[str, list[list[float]]], table: dict[str, Any
             mean = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
             ax.plot(range(n), mean, label=f"{algo} (mean of {len(runs)} seeds)")
         ax.set_xlabel("RL step")
-        ax.set_ylabel("mean reward")
+        ax.set_ylabel("rollout accuracy (fresh prompts, T = 1)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        with atomic_path(root / "reward_curves.png") as tmp:
+        with atomic_path(root / "rl_accuracy_curves.png") as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
     names = list(table)

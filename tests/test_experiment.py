@@ -79,14 +79,18 @@ def _fake_outputs(outputs: Path, accs: dict[str, float], hit: float = 0.5) -> No
         (ev / "metrics.json").write_text(json.dumps({
             "overall": {**stats, "perception_hit_rate": hit}, "benchmarks": {"test": stats},
             "by_family": {"count": {"accuracy": acc / 2}, "order": {"accuracy": acc}}}))
-        (ev / "predictions.jsonl").write_text("{}\n")
+        right = round(acc * 10)  # 10 questions; the first `right` of them answered correctly
+        (ev / "predictions.jsonl").write_text("".join(json.dumps(
+            {"problem_id": f"q{i}", "benchmark": "test", "correct": i < right}) + "\n"
+            for i in range(10)))
         if algo in ("base", "sft"):
             continue
         rl = outputs / "rl" / algo
         rl.mkdir(parents=True, exist_ok=True)
         (rl / "metrics.json").write_text(json.dumps({"train_time_s": 10.0, "final_reward": acc}))
         (rl / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": s, "reward": acc * s}) + "\n" for s in range(3)))
+            json.dumps({"step": s, "reward": acc * s, "accuracy": acc * s}) + "\n"
+            for s in range(3)) + json.dumps({"step": 3, "final/steps": 3}) + "\n")
 
 
 def test_aggregate_over_seeds_with_paired_differences(tmp_path):
@@ -109,14 +113,22 @@ def test_aggregate_over_seeds_with_paired_differences(tmp_path):
     assert table["appo"]["families"]["count"][0] == pytest.approx(sum(appo) / 6)
     assert table["appo [k]"]["seeds"] == [0] and table["appo [k]"]["accuracy"][0] == 0.3
     assert result["baselines"]["sft"]["accuracy"] == 0.35
-    d = result["differences"]["grpo-appo"]  # per-seed diffs -0.10, -0.10, -0.13
-    assert d["mean"] == pytest.approx(-0.11)
-    assert d["ci95_half"] == pytest.approx(mean_ci([-0.10, -0.10, -0.13])[1])
-    assert d["inside_noise"] is False  # -0.11 +- 0.043 excludes 0
+    # per-seed outcomes on 10 questions: grpo right on 4, 5, 4 (0.45 rounds to 4); appo on
+    # 5, 6, 6: differences of -1, -1, -2 questions, -4 / 30 in all
+    d = result["differences"]["grpo-appo"]
+    assert d["mean"] == pytest.approx(-4 / 30) and d["seeds"] == [0, 1, 2] and d["questions"] == 10
+    lo, hi = d["ci95"]
+    assert lo <= -4 / 30 <= hi <= 0 and d["mde"] > 0
+    # the baseline pairs with every seed: appo - sft = (5 + 6 + 6) / 30 - 0.4 (sft: 3.5 -> 4)
+    assert result["differences"]["appo-sft"]["mean"] == pytest.approx(17 / 30 - 0.4)
+    assert result["differences"]["appo [k]-appo"]["seeds"] == [0]  # ablation vs its algorithm
+    assert result["differences"]["appo [k]-appo"]["mean"] == pytest.approx(0.3 - 0.5)
+    # sample efficiency: mean rollout accuracy over the steps (0, acc, 2 acc) = acc
+    assert table["appo"]["rl_accuracy_auc"][0] == pytest.approx(sum(appo) / 3)
     md = (root / "e" / "results.md").read_text()
     assert md == render_markdown(result)
-    assert "| appo | 0,1,2 | 56.0 ± " in md and "grpo-appo: -11.0 ± 4.3 (outside the noise)" in md
-    for png in ("reward_curves.png", "accuracy.png"):
+    assert "| appo | 0,1,2 | 56.0 ± " in md and "- grpo-appo: -13.3 [" in md
+    for png in ("rl_accuracy_curves.png", "accuracy.png"):
         assert (root / "e" / png).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from appo.eval.stats import mcnemar, minimal_detectable_effect, paired_bootstrap
@@ -53,3 +54,22 @@ def test_minimal_detectable_effect():
         minimal_detectable_effect(100, 0.25) / 2)
     with pytest.raises(ValueError):
         paired_bootstrap([1], [1, 0])
+
+
+def test_paired_bootstrap_over_seeds_and_questions():
+    # every seed and question: a - b = 1 on seed 0, 0 on seed 1 -> diff 0.5; resampling the
+    # two seeds gives 0, 0.5 or 1 (probabilities 1/4, 1/2, 1/4), questions change nothing
+    a = np.array([[1] * 50, [1] * 50])
+    b = np.array([[0] * 50, [1] * 50])
+    r = paired_bootstrap(a, b, samples=4000, seed=0)
+    assert r["diff"] == 0.5 and r["ci95"] == [0.0, 1.0] and r["inside_ci"]
+    assert r["se"] == pytest.approx(math.sqrt(0.125), rel=0.05)  # sd of {0, .5, 1} at 1/4,1/2,1/4
+    assert r["mde"] == pytest.approx((1.959964 + 0.841621) * r["se"])
+    # identical seeds: the seed resampling is a no-op, the 1-D interval comes back
+    one = np.array([1] * 60 + [0] * 40 + [1] * 100), np.array([0] * 60 + [0] * 40 + [1] * 100)
+    two = paired_bootstrap(np.stack([one[0]] * 3), np.stack([one[1]] * 3), seed=1)
+    single = paired_bootstrap(*one, seed=1)
+    assert two["diff"] == single["diff"] == pytest.approx(0.3)
+    assert two["se"] == pytest.approx(single["se"], rel=0.05)
+    with pytest.raises(ValueError, match="equal shapes"):
+        paired_bootstrap(np.zeros((2, 3)), np.zeros((3, 3)))

@@ -7,7 +7,8 @@ often the two disagree, not the two accuracies separately.
 - :func:`mcnemar`: exact two-sided McNemar test on the discordant pairs (b = only A right,
   c = only B right): under "no difference" each discordant question is a fair coin flip.
 - :func:`paired_bootstrap`: the accuracy difference mean(a - b) with a percentile 95% interval
-  from resampling questions with replacement (seeded, so a report is reproducible).
+  from resampling questions (and training seeds, given several) with replacement (seeded, so
+  a report is reproducible).
 - :func:`minimal_detectable_effect`: the smallest true accuracy difference this design detects
   with 80% power at two-sided alpha = 0.05, given the observed discordance rate.
 """
@@ -50,24 +51,38 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
             "p_value": _binom_tail_two_sided(min(a_only, b_only), a_only + b_only)}
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = 10_000,
-                     seed: int = 0) -> dict[str, Any]:
-    """mean(a - b) with a percentile 95% interval over question resamples.
+def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
+                     samples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """mean(a - b) with a percentile 95% interval over resamples.
 
-    Returns ``{"n", "diff", "ci95": [lo, hi], "inside_ci"}``; ``inside_ci`` is True when the
-    interval contains 0 (the difference is within noise at this sample size).
+    ``a`` and ``b`` are 0/1 outcomes on the same questions: 1-D ``[questions]`` (one run each)
+    or 2-D ``[seeds, questions]`` (training seeds that answered one shared test set). The
+    2-D case resamples seeds *and* questions (the same questions for every seed), so the
+    interval covers both the training noise between seeds and the sampling of the test set.
+
+    Returns ``{"n", "diff", "ci95": [lo, hi], "se", "mde", "inside_ci"}``: ``se`` is the
+    bootstrap standard error, ``mde`` = (z_0.975 + z_0.8) * se the smallest true difference
+    this design detects with 80% power at alpha 0.05, ``inside_ci`` True when the interval
+    contains 0 (the difference is within noise).
     """
-    if len(a) != len(b):
-        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
-    n = len(a)
-    if n == 0:
-        raise ValueError("paired_bootstrap needs at least one question")
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"paired outcomes need equal shapes, got {np.shape(a)} and {np.shape(b)}")
+    d = np.atleast_2d(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError("paired_bootstrap needs [questions] or [seeds, questions] outcomes")
+    n_seeds, n = d.shape
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, n, size=(samples, n))].mean(axis=1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return {"n": n, "diff": float(d.mean()), "ci95": [float(lo), float(hi)],
-            "inside_ci": bool(lo <= 0.0 <= hi)}
+    means = []
+    for start in range(0, samples, 1000):  # resample counts, 1000 at a time (bounded memory)
+        k = min(1000, samples - start)
+        seed_w = rng.multinomial(n_seeds, [1 / n_seeds] * n_seeds, size=k)
+        question_w = rng.multinomial(n, [1 / n] * n, size=k)
+        means.append(((seed_w @ d) * question_w).sum(axis=1) / (n_seeds * n))
+    boot = np.concatenate(means)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    se = float(boot.std(ddof=1)) if samples > 1 else 0.0
+    return {"n": n, "diff": float(d.mean()), "ci95": [float(lo), float(hi)], "se": se,
+            "mde": (Z975 + Z80) * se, "inside_ci": bool(lo <= 0.0 <= hi)}
 
 
 def minimal_detectable_effect(n: int, discordant_rate: float) -> float:

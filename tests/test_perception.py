@@ -691,8 +691,8 @@ def test_default_appo_weights_depend_on_attention() -> None:
     """With the default APPO preset (K from K_fraction of rl.max_new_tokens) the perception
     tokens, hence the weights, follow the attention: two attention maps give different weights,
     the same map the same weights. With an absolute K at or above the response length (the
-    published K = 128 for 40 tokens) every valid token is a perception token of every crucial
-    frame and the weights no longer depend on the attention."""
+    published K = 128 for 40 tokens) and every frame crucial, every valid token is a perception
+    token of every crucial frame and the weights no longer depend on the attention."""
     rl, p, V = _default_appo_preset()
     G, N, T = rl.num_generations, rl.max_new_tokens, 4
     K = p.tokens_per_frame(N)
@@ -714,7 +714,9 @@ def test_default_appo_weights_depend_on_attention() -> None:
     assert 0 < info1["perception_token_frac"] < 1
     assert (w1[mask] > 1).any() and (w1 >= 1).all() and (w1 <= p.w_max).all()
 
-    # the old setting: K >= N makes the weights blind to the attention
+    # the old setting: every frame crucial (k_f = 3 of T = 4 temporal patches was nearly that)
+    # and K >= N make the weights blind to the attention
+    kw["k_f"] = T
     v1, i1 = weights(attn1, 128)
     v2, i2 = weights(attn2, 128)
     assert i1["num_crucial_frames"] == i2["num_crucial_frames"] == T

@@ -1,4 +1,4 @@
-"""Hand-computed tests for appo.rl.perception (APPO spec sections 2-3)."""
+"""Hand-computed tests for appo.rl.perception (docs/method.md, APPO token weights, steps 1-6)."""
 
 from __future__ import annotations
 
@@ -586,7 +586,7 @@ def _reference_weights(
     w_max: float,
     level: str,
 ) -> Tensor:
-    """Straightforward loop implementation of spec sections 2-3 (float64)."""
+    """Straightforward loop implementation of docs/method.md steps 2-6 (float64)."""
     G, N, T = attn.shape
     V = table.shape[-1]
     a = attn.double()

@@ -8,6 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # Local only: no usage analytics, no update checks.
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 

@@ -286,3 +286,20 @@ def test_freeze_vision_auto_trains_only_the_embedded_tiny_tower(tiny_checkpoint)
         assert sft.freeze_vision(SFTConfig(freeze_vision=explicit), model) is explicit
     trainable = common.prepare_for_training(model, freeze_vision=sft.freeze_vision(auto, model))
     assert not any(p.requires_grad for p in common._vision_module(trainable).parameters())
+
+
+def test_progress_bar_redraws_at_its_interval_not_every_step(tmp_path, synthetic_data,
+                                                             tiny_checkpoint, capfd, monkeypatch):
+    """Under a pipe (Prefect, CI logs) every redraw becomes a log line: the loss postfix must
+    not force one per step, so a long interval leaves only the first and the closing draw."""
+    import functools
+
+    import tqdm
+
+    monkeypatch.setattr(tqdm, "tqdm", functools.partial(tqdm.tqdm, mininterval=1000))
+    _, store, records = synthetic_data
+    sft.train(_cfg(tmp_path, max_steps=6), records["sft"][:4], store, tiny_checkpoint, seed=0,
+              device="cpu", progress=True)
+    draws = [d for d in capfd.readouterr().err.replace("\r", "\n").splitlines()
+             if d.startswith("sft:")]
+    assert 1 <= len(draws) <= 3, draws

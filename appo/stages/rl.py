@@ -112,7 +112,8 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
             metrics = trainer.train_step()
             history.append(metrics)
             log.log_metrics(metrics, step)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                            refresh=False)  # redraw at tqdm's interval, not every step
             done = step + 1
             if (main and not sharded and cfg.save_every > 0 and done % cfg.save_every == 0
                     and done < total_steps):

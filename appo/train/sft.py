@@ -262,7 +262,7 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
             }, step=step)
             skips.update(ok, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.save_every and (step % cfg.save_every == 0 or step == steps):
                 save(step)
         bar.close()

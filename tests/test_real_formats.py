@@ -1,0 +1,197 @@
+"""Real annotation files as they ship (issue 17): each fixture is written here in the exact field
+layout of the public release (our own records and tiny media), then loaded, prompted and scored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from appo.data.formats import PathRemap, load_annotations, read_records
+from appo.data.prompts import question_text
+from appo.data.schema import DataError
+from appo.io import atomic_write_video
+
+
+def write_json(path: Path, data: Any, indent: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=indent), encoding="utf-8")
+    return path
+
+
+def write_video(path: Path, seed: int = 0, n: int = 8, size: int = 56) -> Path:
+    rng = np.random.default_rng(seed)
+    atomic_write_video(path, rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8), 4.0)
+    return path
+
+
+def write_png(path: Path, value: int = 128, size: int = 56) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Video-R1-260k
+
+
+def videor1_260k_records() -> list[dict[str, Any]]:
+    """Video-R1-260k layout: both option styles occur in the release, image and video records."""
+    return [
+        {"problem_id": 1, "problem": "What is the man holding?", "data_type": "video",
+         "problem_type": "multiple choice",
+         "options": ["A) a cup", "B) a phone", "C) a book", "D) a bag"],
+         "solution": "<answer>B</answer>", "path": "./Video-R1-data/LLaVA-Video-178K/a.mp4",
+         "data_source": "LLaVA-Video-178K/2_3_m_academic_v0_1"},
+        {"problem_id": 2, "problem": "Which shape is red?", "data_type": "image",
+         "problem_type": "multiple choice",
+         "options": ["A. circle", "B. square", "C. star"],
+         "solution": "<answer>A</answer>", "path": "./Video-R1-data/CLEVR/img1.png",
+         "data_source": "CLEVR-Math"},
+    ]
+
+
+def test_videor1_options_in_both_letter_styles(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "Video-R1-260k.json", videor1_260k_records())
+    (video, image), _ = load_annotations(path, check_files=False)
+    assert video.options == ("A. a cup", "B. a phone", "C. a book", "D. a bag")
+    assert video.answer == "B"
+    assert image.options == ("A. circle", "B. square", "C. star")
+    assert "Options: A. a cup B. a phone C. a book D. a bag" in question_text(video)
+
+
+def test_videor1_option_letter_out_of_order_still_fails(tmp_path: Path) -> None:
+    bad = videor1_260k_records()[0] | {"options": ["A) x", "C) y"]}
+    with pytest.raises(DataError, match=r"\[0\]: field 'options' item 1 must start with 'B\.' "
+                                        r"or 'B\)'"):
+        load_annotations(write_json(tmp_path / "bad.json", [bad]), check_files=False)
+
+
+def test_videor1_relative_paths_keep_their_folders_under_a_root() -> None:
+    remap = PathRemap("/data/Video-R1")
+    assert remap.resolve("./Evaluation/MVBench/video/x.mp4") == \
+        "/data/Video-R1/Evaluation/MVBench/video/x.mp4"
+    assert remap.resolve("/home/author/Evaluation/x.mp4") == "/data/Video-R1/x.mp4"
+
+
+# ------------------------------------------------------------------------------------------
+# NExT-GQA
+
+
+def appo_nextgqa_records() -> list[dict[str, Any]]:
+    """APPO's nextgqa_val_3k3.json layout: qid unique only within a video, name "nextqa"."""
+    common = {"options": ["to eat it", "to throw it", "to hide it", "to give it away", "to sit"],
+              "frame_count": "900", "width": "640", "height": "480", "split": "val",
+              "dataset_name": "nextqa", "duration": 30.0}
+    return [
+        {"qid": "6", "question": "why did the boy pick up the ball",
+         "video_path": "/mnt/nextqa/videos/1025/4010069381.mp4", "answer": "3", "qtype": "CW",
+         "time_clues": [[2.0, 5.5]], **common},
+        {"qid": "6", "question": "why did the girl laugh",
+         "video_path": "/mnt/nextqa/videos/1106/5333075105.mp4", "answer": "1", "qtype": "CW",
+         "time_clues": [[1.0, 3.0]], **common},
+    ]
+
+
+def test_nextgqa_ids_are_unique_across_videos(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "nextgqa_val_3k3.json", appo_nextgqa_records())
+    records, _ = load_annotations(path, check_files=False)
+    assert [qa.problem_id for qa in records] == ["4010069381_6", "5333075105_6"]
+
+
+def test_grounding_prompt_follows_time_clues_not_the_dataset_name(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "nextgqa_val_3k3.json", appo_nextgqa_records())
+    qa = load_annotations(path, check_files=False)[0][0]
+    assert qa.dataset_name == "nextqa"
+    text = question_text(qa)
+    assert "The video lasts 30.0 seconds." in text and "<time>s to e</time>" in text
+
+
+NEXTGQA_CSV = """video_id,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4
+2574374895,719,320,240,what did the baby do after throwing the cup away,lay on floor,8,TN,\
+clap proudly,the lady sitting down,lay on floor,just picked it up,crawl
+3083302557,1420,640,480,what did the lady do while turning back,thumbs up,3,TC,walk away,\
+thumbs up,put down her club,"applying cream, on face",caressing for the dog
+"""
+
+
+def write_nextgqa_release(folder: Path, videos: bool = True) -> Path:
+    """test.csv + gsub_test.json + map_vid_vidorID.json as NExT-GQA ships them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test.csv").write_text(NEXTGQA_CSV, encoding="utf-8")
+    write_json(folder / "gsub_test.json", {
+        "2574374895": {"duration": 24.0, "location": {"8": [[18.2, 23.9]]}, "fps": 29.97},
+        "3083302557": {"duration": 47.4, "location": {"3": [[1.2, 5.8], [20.0, 23.5]]},
+                       "fps": 29.97},
+    })
+    write_json(folder / "map_vid_vidorID.json",
+               {"2574374895": "0000/2574374895", "3083302557": "1019/3083302557"})
+    if videos:
+        write_video(folder / "videos" / "0000" / "2574374895.mp4", 1)
+        write_video(folder / "videos" / "1019" / "3083302557.mp4", 2)
+    return folder / "test.csv"
+
+
+def test_nextgqa_official_csv_release(tmp_path: Path) -> None:
+    path = write_nextgqa_release(tmp_path / "nextgqa")
+    records, report = load_annotations(path, PathRemap(str(tmp_path / "nextgqa" / "videos")))
+    assert report.problems == []
+    first, second = records
+    assert first.problem_id == "2574374895_8" and second.problem_id == "3083302557_3"
+    assert first.answer == "C" and first.options[2] == "C. lay on floor"
+    assert second.answer == "B" and second.options[3] == "D. applying cream, on face"
+    assert first.time_spans == ((18.2, 23.9),)
+    assert second.time_spans == ((1.2, 5.8), (20.0, 23.5))
+    assert first.duration == 24.0 and first.family == "TN"
+    assert first.video == str(tmp_path / "nextgqa" / "videos" / "0000" / "2574374895.mp4")
+    assert "<time>" in question_text(first)
+
+
+def test_nextgqa_csv_needs_its_companion_files(tmp_path: Path) -> None:
+    path = write_nextgqa_release(tmp_path / "n", videos=False)
+    (tmp_path / "n" / "gsub_test.json").unlink()
+    with pytest.raises(DataError, match=r"test\.csv: NExT-GQA CSV needs gsub_test\.json"):
+        load_annotations(path)
+
+
+def test_nextgqa_csv_answer_must_be_an_option(tmp_path: Path) -> None:
+    path = write_nextgqa_release(tmp_path / "n", videos=False)
+    path.write_text(NEXTGQA_CSV.replace(",lay on floor,8,", ",sleep,8,"), encoding="utf-8")
+    with pytest.raises(DataError, match=r"test\.csv:2: field 'answer' 'sleep' is not one of"):
+        load_annotations(path)
+
+
+# ------------------------------------------------------------------------------------------
+# bad inputs: one line naming the file and the real problem
+
+
+def test_top_level_object_is_named(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "wrapped.json", {"data": videor1_260k_records()}, indent=2)
+    with pytest.raises(DataError, match=r"wrapped\.json: top-level JSON object \(keys: data\), "
+                                        r"expected a list of records"):
+        load_annotations(path)
+    one_line = write_json(tmp_path / "wrapped1.json", {"data": videor1_260k_records()})
+    with pytest.raises(DataError, match="top-level JSON object"):
+        read_records(one_line)
+
+
+def test_a_single_pretty_printed_record_still_loads(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "one.json", videor1_260k_records()[0], indent=2)
+    (qa,), _ = load_annotations(path, check_files=False)
+    assert qa.problem_id == "1"
+
+
+def test_other_csv_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "qa.csv"
+    path.write_text("id,question,answer\n1,what,yes\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"qa\.csv: CSV: only NExT-GQA's CSV .* is supported; "
+                                        r"this header lacks video_id"):
+        load_annotations(path)
+    with pytest.raises(DataError, match=r"qa\.csv: CSV: only NExT-GQA's CSV"):
+        read_records(path)

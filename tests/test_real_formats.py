@@ -195,3 +195,30 @@ def test_other_csv_is_named(tmp_path: Path) -> None:
         load_annotations(path)
     with pytest.raises(DataError, match=r"qa\.csv: CSV: only NExT-GQA's CSV"):
         read_records(path)
+
+
+# ------------------------------------------------------------------------------------------
+# VideoMMMU-style data_source URLs become valid MLflow metric keys
+
+
+def test_url_family_names_log_to_mlflow(tmp_path: Path, monkeypatch) -> None:
+    from appo.eval.metrics import aggregate, score_prediction
+    from appo.stages.eval import _flat_metrics
+    from appo.tracking import RunLogger
+
+    record = {"problem_id": 1, "problem": "Which law applies?", "data_type": "video",
+              "problem_type": "multiple choice", "options": ["A. Ohm", "B. Hooke"],
+              "solution": "<answer>A</answer>", "path": "./Evaluation/VideoMMMU/Art/a.mp4",
+              "data_source": "https://videommmu.github.io/", "dataset_name": "videommmu"}
+    (qa,), _ = load_annotations(write_json(tmp_path / "videommmu.json", [record]),
+                                check_files=False)
+    row = {"benchmark": "videommmu", "family": qa.family, "problem_type": qa.problem_type,
+           "missing": False, **score_prediction(qa, "<answer>A</answer>")}
+    metrics = aggregate([row])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with RunLogger(tmp_path / "out", "eval-url", mlflow=True) as logger:
+        logger.log_metrics(_flat_metrics(metrics), step=0)
+    logged = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["family/https_/videommmu.github.io/accuracy"] == 1.0
+    assert logged["bench/videommmu/accuracy"] == 1.0

@@ -41,7 +41,6 @@ from appo.io import atomic_write_json, atomic_write_text
 from appo.stages import stage_main
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_METRIC_SAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -90,18 +89,21 @@ def load_benchmarks(
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric metrics for the tracker: ``overall/accuracy``, ``<bench>/mIoU``, ``family/..``."""
+    """Numeric metrics for the tracker: ``overall/accuracy``, ``<bench>/mIoU``, ``family/..``.
+
+    Keys may carry names from the data; :func:`appo.tracking.metric_key` cleans them on logging.
+    """
     keys = ("accuracy", "sampled_accuracy", "reward", "mIoU", "perception_hit_rate", "n",
             "missing")
 
     def put(out: dict[str, float], prefix: str, stats: dict[str, Any]) -> None:
         for key in keys:
             if stats.get(key) is not None:
-                out[_METRIC_SAFE.sub("_", f"{prefix}/{key}")] = float(stats[key])
+                out[f"{prefix}/{key}"] = float(stats[key])
         lo, hi = stats.get("ci95") or (None, None)
         if lo is not None and hi is not None:
-            out[_METRIC_SAFE.sub("_", f"{prefix}/accuracy_ci_lo")] = float(lo)
-            out[_METRIC_SAFE.sub("_", f"{prefix}/accuracy_ci_hi")] = float(hi)
+            out[f"{prefix}/accuracy_ci_lo"] = float(lo)
+            out[f"{prefix}/accuracy_ci_hi"] = float(hi)
 
     flat: dict[str, float] = {}
     put(flat, "overall", metrics["overall"])

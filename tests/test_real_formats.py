@@ -222,3 +222,16 @@ def test_url_family_names_log_to_mlflow(tmp_path: Path, monkeypatch) -> None:
     logged = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["family/https_/videommmu.github.io/accuracy"] == 1.0
     assert logged["bench/videommmu/accuracy"] == 1.0
+
+
+def test_numerical_answers_follow_video_r1_scoring(tmp_path: Path) -> None:
+    from appo.eval.metrics import score_prediction
+
+    record = {"problem_id": 7, "problem": "How many chairs are in the room?", "data_type": "video",
+              "problem_type": "numerical", "options": [], "solution": "<answer>4</answer>",
+              "path": "./Evaluation/VSI-Bench/scannet/scene0011_00.mp4",
+              "data_source": "VSI-Bench/object_counting"}
+    (qa,), _ = load_annotations(write_json(tmp_path / "eval_vsibench.json", [record]),
+                                check_files=False)
+    assert score_prediction(qa, "<think>..</think><answer>4</answer>")["correct"] is True
+    assert score_prediction(qa, "<think>..</think><answer>4.0</answer>")["correct"] is False

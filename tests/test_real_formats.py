@@ -235,3 +235,111 @@ def test_numerical_answers_follow_video_r1_scoring(tmp_path: Path) -> None:
                                 check_files=False)
     assert score_prediction(qa, "<think>..</think><answer>4</answer>")["correct"] is True
     assert score_prediction(qa, "<think>..</think><answer>4.0</answer>")["correct"] is False
+
+
+# ------------------------------------------------------------------------------------------
+# per-file roots (data.files / eval.benchmarks entries) and files with no usable video
+
+
+def seed_eval_lines() -> list[dict[str, Any]]:
+    """SEED-Bench-R1 validation_L1.jsonl layout (evaluation form)."""
+    return [{"sample_id": "L1_0", "video_id": "P01_11", "task_goal": "make tea",
+             "question": "What is the next action?", "choice_a": "boil water",
+             "choice_b": "cut onion", "choice_c": "wash cup", "choice_d": "open fridge",
+             "golden_choice_idx": "A",
+             "task_progress_metadata": [{"narration_text": "fill kettle", "start_frame": 0,
+                                         "stop_frame": 4}],
+             "video_source": "EpicKitchens", "video_basename": "P01_11_0.mp4",
+             "current_observation_basename": "P01_11_0.png", "duration": 2.0,
+             "dataset_name": "seed_bench_r1"}]
+
+
+def write_two_layouts(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A Video-R1 eval file (./Evaluation/... paths) and a SEED-Bench-R1 file, separate roots."""
+    vr1_root, seed_root = tmp_path / "Video-R1", tmp_path / "seed_bench_r1"
+    write_video(vr1_root / "Evaluation" / "MVBench" / "video" / "clip.mp4", 3)
+    write_video(seed_root / "videos" / "EpicKitchens" / "P01_11_0.mp4", 4)
+    write_png(seed_root / "images" / "EpicKitchens" / "P01_11_0.png")
+    vr1 = write_json(tmp_path / "ann" / "eval_mvbench.json", [
+        {"problem_id": 1, "problem": "What happens?", "data_type": "video",
+         "problem_type": "multiple choice", "options": ["A. a", "B. b"],
+         "solution": "<answer>A</answer>", "path": "./Evaluation/MVBench/video/clip.mp4",
+         "data_source": "MVBench/action_sequence"}])
+    seed = tmp_path / "ann" / "validation_L1.jsonl"
+    seed.write_text("".join(json.dumps(r) + "\n" for r in seed_eval_lines()), encoding="utf-8")
+    return vr1, vr1_root, seed, seed_root
+
+
+def test_per_file_roots_in_data_files(tmp_path: Path) -> None:
+    from appo.config import DataConfig, from_dict
+    from appo.stages.data import run
+
+    vr1, vr1_root, seed, seed_root = write_two_layouts(tmp_path)
+    cfg = from_dict(DataConfig, {
+        "source": "files", "out_dir": str(tmp_path / "dataset"),
+        "video_root": str(vr1_root),
+        "files": {"rl": str(vr1), "test": {"path": str(seed), "video_root": str(seed_root)}},
+    }, "data")
+    assert run(cfg) == {"rl": 1, "test": 1}
+    rl = json.loads((tmp_path / "dataset" / "rl.json").read_text())
+    test = json.loads((tmp_path / "dataset" / "test.json").read_text())
+    assert Path(rl[0]["path"]).is_file() and Path(test[0]["path"]).is_file()
+    assert Path(test[0]["image"]).is_file()
+
+
+def test_file_entry_with_an_unknown_key_is_named() -> None:
+    from appo.config import ConfigError, EvalConfig, from_dict
+
+    with pytest.raises(ConfigError, match=r"unknown key 'eval\.benchmarks\.l1\.videoroot'"):
+        from_dict(EvalConfig, {"benchmarks": {"l1": {"path": "x.jsonl", "videoroot": "/v"}}},
+                  "eval")
+    with pytest.raises(ConfigError, match=r"eval\.benchmarks\.l1: 'path' is missing"):
+        from_dict(EvalConfig, {"benchmarks": {"l1": {"video_root": "/v"}}}, "eval")
+
+
+def test_per_file_roots_in_eval_benchmarks(tmp_path: Path) -> None:
+    from appo.config import EvalConfig, FramesConfig, from_dict
+    from appo.stages.eval import load_benchmarks
+
+    vr1, vr1_root, seed, seed_root = write_two_layouts(tmp_path)
+    cfg = from_dict(EvalConfig, {
+        "splits": [], "video_root": str(vr1_root),
+        "benchmarks": {"mvbench": str(vr1),
+                       "seed_l1": {"path": str(seed), "video_root": str(seed_root)}},
+    }, "eval")
+    frames = FramesConfig(num_frames=4, max_pixels=56 * 56, workers=1)
+    loaded = load_benchmarks(None, frames, cfg, tmp_path / "out")
+    assert [(name, len(records), problems) for name, records, _, problems in loaded] == \
+        [("mvbench", 1, []), ("seed_l1", 1, [])]
+    for _, records, store, _ in loaded:
+        assert all(qa.video in store for qa in records)
+
+
+def test_no_usable_video_fails_naming_file_and_first_missing_path(tmp_path: Path) -> None:
+    from appo.config import DataConfig, EvalConfig, FramesConfig
+    from appo.stages.data import run
+    from appo.stages.eval import load_benchmarks
+
+    vr1, _, _, _ = write_two_layouts(tmp_path)
+    wrong = str(tmp_path / "wrong_root")
+    expected = (rf"eval_mvbench\.json: none of its 1 records has its media on this machine "
+                rf"\(first missing: {wrong}/Evaluation/MVBench/video/clip\.mp4\)")
+    with pytest.raises(DataError, match=expected):
+        run(DataConfig(source="files", out_dir=str(tmp_path / "d"), files={"rl": str(vr1)},
+                       video_root=wrong))
+    with pytest.raises(DataError, match=expected):
+        load_benchmarks(None, FramesConfig(), EvalConfig(splits=[], benchmarks={"b": str(vr1)},
+                                                         video_root=wrong), tmp_path / "out")
+
+
+def test_eval_benchmark_with_no_decodable_video_fails(tmp_path: Path) -> None:
+    from appo.config import EvalConfig, FramesConfig
+    from appo.data.frames import FrameError
+    from appo.stages.eval import load_benchmarks
+
+    vr1, vr1_root, _, _ = write_two_layouts(tmp_path)
+    (vr1_root / "Evaluation" / "MVBench" / "video" / "clip.mp4").write_bytes(b"not a video")
+    cfg = EvalConfig(splits=[], benchmarks={"b": str(vr1)}, video_root=str(vr1_root))
+    with pytest.raises(FrameError, match=r"eval_mvbench\.json: no usable video among 1 "
+                                         r"\(first problem: .*clip\.mp4: unreadable video"):
+        load_benchmarks(None, FramesConfig(), cfg, tmp_path / "out")

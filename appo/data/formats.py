@@ -40,13 +40,16 @@ from appo.data.schema import (
 __all__ = [
     "FORMATS",
     "PathRemap",
+    "annotation_source",
     "detect_format",
     "from_nextgqa",
     "from_seedbench_r1",
     "from_videor1",
     "load_annotations",
+    "load_source",
     "missing_media",
     "read_records",
+    "require_usable",
 ]
 
 FORMATS = ("videor1", "nextgqa", "seedbench_r1")
@@ -127,6 +130,22 @@ class PathRemap:
         if not _is_absolute(path):
             return os.path.join(root, *_parts(path))
         return os.path.join(root, _basename(path))
+
+
+def annotation_source(entry: Any, section: PathRemap) -> tuple[str, PathRemap]:
+    """(path, remap) of a ``data.files`` / ``eval.benchmarks`` entry.
+
+    An entry is a path (the section's roots apply) or a :class:`appo.config.FileSpec` whose
+    set roots override the section's, so every file keeps its own release layout.
+    """
+    if isinstance(entry, (str, os.PathLike)):
+        return os.fspath(entry), section
+    remap = PathRemap(
+        entry.video_root if entry.video_root is not None else section.video_root,
+        entry.image_root if entry.image_root is not None else section.image_root,
+        entry.strip_prefix if entry.strip_prefix is not None else section.strip_prefix,
+    )
+    return entry.path, remap
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,3 +771,30 @@ def load_annotations(
                 report.add(f"{where}: {kind} not found: {media}")
         out.append(qa)
     return out, report
+
+
+def require_usable(path: str | os.PathLike[str], records: list[VideoQA]) -> None:
+    """Fail when no record of a file has its media on this machine.
+
+    That is a wrong ``video_root`` / ``strip_prefix``, not a benchmark on which the model
+    scores 0%: left alone it gives a page of warnings and a successful run that DVC caches.
+    """
+    if records and all(missing_media(qa) for qa in records):
+        first = missing_media(records[0])[0]
+        raise DataError(f"{os.fspath(path)}: none of its {len(records)} records has its media "
+                        f"on this machine (first missing: {first}); check video_root, "
+                        "image_root and strip_prefix")
+
+
+def load_source(
+    entry: Any, section: PathRemap, seed: int = 0
+) -> tuple[str, list[VideoQA], LoadReport]:
+    """(path, records, report) of one ``data.files`` / ``eval.benchmarks`` entry.
+
+    The one loader of both stages: per-file roots (:func:`annotation_source`), missing media
+    listed in the report, and :func:`require_usable`.
+    """
+    path, remap = annotation_source(entry, section)
+    records, report = load_annotations(path, remap, seed=seed)
+    require_usable(path, records)
+    return path, records, report

@@ -135,7 +135,7 @@ def extract_all(videos: list[str], out_dir: str | Path, cfg: FramesConfig) -> pd
     atomic_write_json(out_dir / "skipped.json", skipped)
     good = [r for r in rows if "error" not in r]
     if not good:
-        first = skipped[0]["error"] if skipped else "no videos given"
+        first = f"{skipped[0]['video']}: {skipped[0]['error']}" if skipped else "no videos given"
         raise FrameError(f"no usable video among {len(unique)} (first problem: {first})")
     manifest = pd.DataFrame(good)
     with atomic_path(out_dir / MANIFEST) as tmp:

@@ -32,7 +32,7 @@ from appo.config import (
     load_section,
 )
 from appo.data.dataset import load_split, split_path
-from appo.data.formats import PathRemap, load_annotations
+from appo.data.formats import PathRemap, load_source
 from appo.data.frames import FrameError, FrameStore, extract_all
 from appo.data.schema import VideoQA
 from appo.eval.metrics import aggregate, markdown_table
@@ -73,18 +73,16 @@ def load_benchmarks(
         for split in cfg.splits:
             out.append((split, load_split(split_path(data.out_dir, split)), store, []))
     remap = PathRemap(cfg.video_root, cfg.image_root, cfg.strip_prefix)
-    for name, path in cfg.benchmarks.items():
-        records, report = load_annotations(path, remap, fmt="auto", seed=cfg.seed)
+    for name, entry in cfg.benchmarks.items():
+        path, records, report = load_source(entry, remap, seed=cfg.seed)
         for problem in report.problems:
             print(f"warning: {name}: {problem}")
         cache = out_dir / "frames" / name
         try:
             extract_all([qa.video for qa in records], cache, frames)
-            bench_store: FrameStore | None = FrameStore(cache)
-        except FrameError as exc:
-            print(f"warning: {name}: {exc}; every question of it counts as missing")
-            bench_store = None
-        out.append((name, records, bench_store, report.problems))
+        except FrameError as exc:  # nothing decodable: a broken download, not a 0% benchmark
+            raise FrameError(f"{path}: {exc}") from exc
+        out.append((name, records, FrameStore(cache), report.problems))
     return out
 
 

@@ -343,3 +343,107 @@ def test_eval_benchmark_with_no_decodable_video_fails(tmp_path: Path) -> None:
     with pytest.raises(FrameError, match=r"eval_mvbench\.json: no usable video among 1 "
                                          r"\(first problem: .*clip\.mp4: unreadable video"):
         load_benchmarks(None, FramesConfig(), cfg, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------
+# image records: cached by the frames stage, prompted as images, evaluated next to videos
+
+
+def write_mixed_videor1(tmp_path: Path) -> Path:
+    """A Video-R1-260k-style file mixing image and video records, media at their paths."""
+    root = tmp_path / "Video-R1"
+    write_video(root / "Video-R1-data" / "LLaVA-Video-178K" / "a.mp4", 5)
+    write_png(root / "Video-R1-data" / "CLEVR" / "img1.png", 200, size=84)
+    records = videor1_260k_records()
+    records.append({"problem_id": 3, "problem": "How many cubes?", "data_type": "image",
+                    "problem_type": "numerical", "options": [], "solution": "<answer>2</answer>",
+                    "path": "./Video-R1-data/CLEVR/img1.png", "data_source": "CLEVR-Math",
+                    "process": "<think>Two cubes.</think>"})
+    return write_json(root / "Video-R1-260k.json", records)
+
+
+def test_seedbench_empty_progress_is_image_only(tmp_path: Path) -> None:
+    lines = seed_eval_lines() + [seed_eval_lines()[0] | {"sample_id": "L1_1",
+                                                          "task_progress_metadata": []}]
+    path = tmp_path / "validation_L1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    (with_video, image_only), _ = load_annotations(path, PathRemap("/seed"), check_files=False)
+    assert with_video.data_type == "video+image"
+    assert with_video.video_file == "/seed/videos/EpicKitchens/P01_11_0.mp4"
+    assert image_only.data_type == "image" and image_only.video_file is None
+    assert image_only.image_file == "/seed/images/EpicKitchens/P01_11_0.png"
+
+
+def test_image_records_are_cached_and_prompted_as_images(tmp_path: Path) -> None:
+    from appo.config import FramesConfig
+    from appo.data.frames import FrameStore, extract_records
+    from appo.data.prompts import messages
+
+    records, report = load_annotations(write_mixed_videor1(tmp_path))
+    assert report.problems == []
+    cfg = FramesConfig(num_frames=4, max_pixels=56 * 56, workers=1)
+    manifest = extract_records(records, tmp_path / "frames", cfg)
+    assert sorted(manifest["kind"]) == ["image", "video"]  # img1.png is cached once
+    store = FrameStore(tmp_path / "frames")
+    video, image, numeric = records
+    assert store.get(video.video).frames.shape == (4, 56, 56, 3)
+    cached = store.image(image.video)
+    assert cached.shape == (56, 56, 3) and int(cached.mean()) == 200  # 84x84 fit to 56x56
+    kinds = [[c["type"] for c in messages(qa)[1]["content"]] for qa in records]
+    assert kinds == [["video", "text"], ["image", "text"], ["image", "text"]]
+
+
+def test_mixed_image_and_video_file_is_evaluated(tmp_path: Path, tiny_policy) -> None:
+    from appo.config import FramesConfig
+    from appo.data.frames import FrameStore, extract_records
+    from appo.eval.runner import evaluate
+
+    records, _ = load_annotations(write_mixed_videor1(tmp_path))
+    seed_lines = [seed_eval_lines()[0] | {"sample_id": "L1_1", "task_progress_metadata": []}]
+    seed = tmp_path / "seed" / "validation_L1.jsonl"
+    write_png(seed.parent / "images" / "EpicKitchens" / "P01_11_0.png", 60)
+    seed.write_text(json.dumps(seed_lines[0]) + "\n", encoding="utf-8")
+    records += load_annotations(seed)[0]
+    extract_records(records, tmp_path / "frames", FramesConfig(num_frames=4, workers=1))
+    model, processor = tiny_policy
+    rows, report = evaluate(model, processor, records, FrameStore(tmp_path / "frames"),
+                            batch_size=4, max_new_tokens=4, progress=False)
+    assert report["missing"] == [] and len(rows) == 4
+    assert all(isinstance(r["response"], str) for r in rows)
+
+
+@pytest.mark.parametrize("attention", ["policy", "random"])
+def test_mixed_image_and_video_file_trains_with_appo(tmp_path: Path, tiny_policy,
+                                                     attention: str) -> None:
+    """Video-R1-260k mixes image and video records: one RL run trains on both, APPO's frame
+    attention included (an image is a single frame)."""
+    import copy
+
+    import torch
+
+    from appo.config import AlgorithmConfig, FramesConfig, PerceptionConfig, RLConfig
+    from appo.data.frames import FrameStore, extract_records
+    from appo.rl.trainer import RLTrainer
+
+    records, _ = load_annotations(write_mixed_videor1(tmp_path))
+    extract_records(records, tmp_path / "frames", FramesConfig(num_frames=4, workers=1))
+    model, processor = tiny_policy
+    model = copy.deepcopy(model)
+    appo = AlgorithmConfig(clip_high=0.28, agg_mode="token-mean", beta=0.0,
+                           perception=PerceptionConfig(enabled=True, K=4, k_avg=4,
+                                                       attention=attention))
+    cfg = RLConfig(prompts_per_step=3, num_generations=2, max_new_tokens=8, lr=1e-3,
+                   groups_per_micro_batch=3)
+
+    def reward(texts, recs):
+        vals = [sum(c.isdigit() for c in t) / max(1, len(t)) + 0.1 * (i % 2)
+                for i, t in enumerate(texts)]
+        return {"total": vals, "accuracy": vals}
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = RLTrainer(model, processor, cfg, appo, records, FrameStore(tmp_path / "frames"),
+                        reward_fn=reward)
+    metrics = trainer.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+    assert metrics["appo/num_crucial_frames"] >= 1
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())

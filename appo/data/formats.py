@@ -622,6 +622,10 @@ def from_seedbench_r1(
 ) -> VideoQA:
     """SEED-Bench-R1 record -> multiple-choice ``"video+image"`` :class:`VideoQA`.
 
+    A record whose ``task_progress_metadata`` is empty (the task has not started, so there is
+    no clip) is ``"image"``-only, as the official evaluation treats it: the observation image
+    is the record's one visual input.
+
     Evaluation form (``choice_a`` ..) is used when ``choice_a`` is present, else the training
     form (``answer`` + ``negative_answers``, see :func:`seedbench_options`). Video is
     ``<video_root>/videos/<video_source>/<video_basename>``, image is
@@ -651,11 +655,19 @@ def from_seedbench_r1(
             raise _err(where, "negative_answers", "has no usable wrong answer")
 
     source = _req_str(raw, "video_source", where)
-    video_name = _basename(_req_str(raw, "video_basename", where))
     image_name = _basename(_req_str(raw, "current_observation_basename", where))
     default_root = os.fspath(base_dir) if base_dir is not None else "."
-    video_root = remap.video_root or default_root
     image_root = remap.image_root or remap.video_root or default_root
+    image = os.path.join(image_root, "images", source, image_name)
+    media: dict[str, Any] = {"data_type": "image", "video": image}
+    progress = raw.get("task_progress_metadata")
+    if progress is not None and not isinstance(progress, list):
+        raise _err(where, "task_progress_metadata", f"must be a list, got {progress!r}")
+    if progress != []:  # no progress yet: the official evaluation shows the image alone
+        video_name = _basename(_req_str(raw, "video_basename", where))
+        video_root = remap.video_root or default_root
+        media = {"data_type": "video+image", "image": image,
+                 "video": os.path.join(video_root, "videos", source, video_name)}
 
     return _build(
         where,
@@ -663,13 +675,11 @@ def from_seedbench_r1(
         problem=f"Task goal: {task_goal.strip()}\n{question.strip()}",
         problem_type="multiple choice",
         answer=OPTION_LETTERS[gold],
-        video=os.path.join(video_root, "videos", source, video_name),
         options=_lettered(choices),
-        data_type="video+image",
-        image=os.path.join(image_root, "images", source, image_name),
         duration=_opt_float(raw, "duration", where),
         family=source,
         dataset_name=_opt_str(raw, "dataset_name", where) or "seed_bench_r1",
+        **media,
     )
 
 

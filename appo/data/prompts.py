@@ -38,8 +38,10 @@ def question_text(qa: VideoQA) -> str:
 
 def messages(qa: VideoQA) -> list[dict[str, Any]]:
     """Chat messages with the media placeholders the processor expands into visual tokens."""
-    content: list[dict[str, Any]] = [{"type": "video"}]
-    if qa.image is not None:
+    content: list[dict[str, Any]] = []
+    if qa.video_file is not None:
+        content.append({"type": "video"})
+    if qa.image_file is not None:
         content.append({"type": "image"})
     content.append({"type": "text", "text": question_text(qa)})
     return [

@@ -30,13 +30,19 @@ HitRateFn = Callable[[Any, Any, Sequence[VideoQA], Rollout, FrameStore], Sequenc
 
 
 def missing_reason(qa: VideoQA, store: FrameStore | None) -> str | None:
-    """Why the question cannot be run (its media are unavailable), or None when it can."""
-    if store is None or qa.video not in store:
-        if not os.path.exists(qa.video):
-            return f"video file not found: {qa.video}"
-        return f"video not in the frame cache (unreadable or not extracted): {qa.video}"
-    if qa.image is not None and not os.path.isfile(qa.image):
-        return f"image file not found: {qa.image}"
+    """Why the question cannot be run (its media are unavailable), or None when it can.
+
+    A video must be in the frame cache; an image may also be read from its file.
+    """
+    if store is None:
+        return f"nothing cached for this benchmark: {qa.video}"
+    if qa.video_file is not None and qa.video_file not in store:
+        if not os.path.exists(qa.video_file):
+            return f"video file not found: {qa.video_file}"
+        return f"video not in the frame cache (unreadable or not extracted): {qa.video_file}"
+    image = qa.image_file
+    if image is not None and image not in store and not os.path.isfile(image):
+        return f"image file not found: {image}"
     return None
 
 

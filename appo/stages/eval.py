@@ -33,7 +33,7 @@ from appo.config import (
 )
 from appo.data.dataset import load_split, split_path
 from appo.data.formats import PathRemap, load_source
-from appo.data.frames import FrameError, FrameStore, extract_all
+from appo.data.frames import FrameError, FrameStore, extract_records
 from appo.data.schema import VideoQA
 from appo.eval.metrics import aggregate, markdown_table
 from appo.eval.runner import MISSING_POLICIES, HitRateFn, evaluate
@@ -79,7 +79,7 @@ def load_benchmarks(
             print(f"warning: {name}: {problem}")
         cache = out_dir / "frames" / name
         try:
-            extract_all([qa.video for qa in records], cache, frames)
+            extract_records(records, cache, frames)
         except FrameError as exc:  # nothing decodable: a broken download, not a 0% benchmark
             raise FrameError(f"{path}: {exc}") from exc
         out.append((name, records, FrameStore(cache), report.problems))

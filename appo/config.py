@@ -405,6 +405,9 @@ class EvalConfig:
     # > 0: also sample this many answers per question at temperature 1 and report
     # sampled_accuracy (what RL optimises; greedy accuracy moves later)
     samples: int = 0
+    # pipeline (greedy, frames.* pixels, the RL reward rules) | videor1 (Video-R1's published
+    # evaluation) | appo (the APPO paper's); see appo/eval/protocol.py
+    protocol: str = "pipeline"
 
 
 @dataclass

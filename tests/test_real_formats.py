@@ -447,3 +447,70 @@ def test_mixed_image_and_video_file_trains_with_appo(tmp_path: Path, tiny_policy
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
     assert metrics["appo/num_crucial_frames"] >= 1
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation protocols
+
+
+def _qa(problem_type: str, answer: str, options: tuple[str, ...] = ()):
+    from appo.data.schema import VideoQA
+
+    return VideoQA(problem_id="1", problem="q", problem_type=problem_type, answer=answer,
+                   video="v.mp4", options=options)
+
+
+@pytest.mark.parametrize(("problem_type", "gold", "response", "videor1", "pipeline"), [
+    ("multiple choice", "C", "<answer>C</answer>", 1.0, 1.0),
+    ("multiple choice", "C", "<answer>(C)</answer>", 0.0, 1.0),  # Video-R1: exact letter
+    ("multiple choice", "C", "<answer>B</answer> no, <answer>C</answer>", 0.0, 1.0),  # first tag
+    ("multiple choice", "C", "C", 1.0, 0.0),  # no tag: Video-R1 scores the whole output
+    ("numerical", "4", "<answer>4.0</answer>", 0.0, 0.0),
+    ("numerical", "3", "<answer>3 cups</answer>", 0.0, 1.0),
+    ("numerical", "1,234", "<answer>1,234</answer>", 1.0, 1.0),
+    ("regression", "10", "<answer>7.2</answer>", 0.5, 0.5),
+    ("OCR", "hello world", "<answer>Hello world</answer>", 0.5, 1.0),  # case-sensitive WER
+    ("free-form", "the cat sat", "<answer>The cat sat.</answer>", 1.0, 1.0),
+])
+def test_videor1_scoring_next_to_the_pipeline_rules(problem_type, gold, response, videor1,
+                                                    pipeline) -> None:
+    from appo.eval.metrics import score_prediction
+
+    qa = _qa(problem_type, gold, ("A. x", "B. y", "C. z") if problem_type == "multiple choice"
+             else ())
+    assert score_prediction(qa, response, "videor1")["reward"] == pytest.approx(videor1)
+    assert score_prediction(qa, response)["reward"] == pytest.approx(pipeline)
+
+
+def test_videor1_free_form_is_the_mean_of_rouge_1_2_l() -> None:
+    from appo.eval.protocol import videor1_rouge
+
+    # 1-grams: 2 of 3 match; 2-grams: 1 of 2; LCS 2 -> (2/3 + 1/2 + 2/3) / 3
+    assert videor1_rouge("a cat sat", "the cat sat") == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+
+
+def test_protocol_knob_sets_pixels_and_decoding(tmp_path: Path, tiny_policy) -> None:
+    from appo.config import ConfigError, EvalConfig, FramesConfig
+    from appo.eval.protocol import PROTOCOLS
+    from appo.eval.runner import evaluate
+    from appo.stages.eval import check_config, load_benchmarks
+
+    with pytest.raises(ConfigError, match=r"'eval\.protocol' must be one of pipeline, videor1, "
+                                          r"appo, got 'video-r1'"):
+        check_config(EvalConfig(protocol="video-r1"))
+    write_video(tmp_path / "Evaluation" / "clip.mp4", 6, size=112)
+    ann = write_json(tmp_path / "eval_mvbench.json", [
+        {"problem_id": 1, "problem": "What happens?", "data_type": "video",
+         "problem_type": "multiple choice", "options": ["A. a", "B. b"],
+         "solution": "<answer>A</answer>", "path": "./Evaluation/clip.mp4"}])
+    frames = FramesConfig(num_frames=4, workers=1)  # 56*56 pixels per frame by default
+    sizes = {}
+    for protocol in ("pipeline", "videor1"):
+        cfg = EvalConfig(splits=[], benchmarks={"mv": str(ann)}, protocol=protocol)
+        (_, records, store, _), = load_benchmarks(None, frames, cfg, tmp_path / protocol)
+        sizes[protocol] = store.get(records[0].video).frames.shape[1:3]
+        model, processor = tiny_policy
+        rows, _ = evaluate(model, processor, records, store, max_new_tokens=4, progress=False,
+                           protocol=PROTOCOLS[protocol])
+        assert isinstance(rows[0]["response"], str)
+    assert sizes == {"pipeline": (56, 56), "videor1": (112, 112)}

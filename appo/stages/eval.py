@@ -4,8 +4,9 @@
 
 Benchmarks: every split in ``eval.splits`` (default ``test``) of ``data.out_dir``, with frames
 from the ``frames`` stage cache, plus each ``eval.benchmarks`` entry (name -> annotation file in
-any supported format, paths remapped with ``eval.video_root``/``image_root``/``strip_prefix``),
-whose videos are extracted into ``<out>/frames/<name>``. Writes, atomically, to ``<out>``
+any supported format, paths remapped with ``eval.video_root``/``image_root``/``strip_prefix``
+or the entry's own roots), whose videos and images are extracted into
+``<out>/frames/<name>`` (at the pixel budget of ``eval.protocol``, if it sets one). Writes, atomically, to ``<out>``
 (default ``outputs/eval/<name>``):
 
 * ``predictions.jsonl``: one scored row per question (see :func:`appo.eval.runner.evaluate`);
@@ -36,6 +37,7 @@ from appo.data.formats import PathRemap, load_source
 from appo.data.frames import FrameError, FrameStore, extract_records
 from appo.data.schema import VideoQA
 from appo.eval.metrics import aggregate, markdown_table
+from appo.eval.protocol import PROTOCOLS
 from appo.eval.runner import MISSING_POLICIES, HitRateFn, evaluate
 from appo.io import atomic_write_json, atomic_write_text
 from appo.stages import stage_main
@@ -51,6 +53,9 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.batch_size}")
     if cfg.max_new_tokens < 1:
         raise ConfigError(f"'eval.max_new_tokens' must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"'eval.protocol' must be one of {', '.join(PROTOCOLS)}, "
+                          f"got {cfg.protocol!r}")
     if cfg.samples < 0:
         raise ConfigError(f"'eval.samples' must be >= 0 (0 = greedy only), got {cfg.samples}")
     for name in [*cfg.splits, *cfg.benchmarks]:
@@ -73,13 +78,15 @@ def load_benchmarks(
         for split in cfg.splits:
             out.append((split, load_split(split_path(data.out_dir, split)), store, []))
     remap = PathRemap(cfg.video_root, cfg.image_root, cfg.strip_prefix)
+    pixels = PROTOCOLS[cfg.protocol].max_pixels
+    bench_frames = dataclasses.replace(frames, max_pixels=pixels) if pixels else frames
     for name, entry in cfg.benchmarks.items():
         path, records, report = load_source(entry, remap, seed=cfg.seed)
         for problem in report.problems:
             print(f"warning: {name}: {problem}")
         cache = out_dir / "frames" / name
         try:
-            extract_records(records, cache, frames)
+            extract_records(records, cache, bench_frames)
         except FrameError as exc:  # nothing decodable: a broken download, not a 0% benchmark
             raise FrameError(f"{path}: {exc}") from exc
         out.append((name, records, FrameStore(cache), report.problems))
@@ -161,7 +168,7 @@ def run(
         bench_rows, report = evaluate(
             model, processor, records, store, batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens, benchmark_name=bench, missing=cfg.missing,
-            hit_rate_fn=hit_rate_fn, samples=cfg.samples)
+            hit_rate_fn=hit_rate_fn, samples=cfg.samples, protocol=PROTOCOLS[cfg.protocol])
         rows.extend(bench_rows)
         missing.extend(report["missing"])
         if report["missing"]:

@@ -4,7 +4,9 @@ Three formats are understood:
 
 * ``videor1``: Video-R1 style JSON (Video-R1-260k, its CoT SFT file, Video-R1 eval files, the
   APPO paper's Perception Test file) and everything :meth:`VideoQA.to_json` writes;
-* ``nextgqa``: NExT-GQA with native NExT-QA fields (plain options, index answer, time clues);
+* ``nextgqa``: NExT-GQA with native NExT-QA fields (plain options, index answer, time clues),
+  or its official CSV release (text answers; spans and video paths from the ``gsub_<split>.json``
+  and ``map_vid_vidorID.json`` shipped next to it);
 * ``seedbench_r1``: SEED-Bench-R1, both the training form (``answer`` + ``negative_answers``,
   options sampled with a fixed seed) and the evaluation form (``choice_a`` .. ``choice_d`` +
   ``golden_choice_idx``).
@@ -12,7 +14,8 @@ Three formats are understood:
 Malformed records fail fast with a :class:`DataError` naming the file, the line (JSONL) or
 index (JSON list) and the field; silently dropping records would give wrong benchmark numbers.
 The only tolerated problem is a missing video/image file, which is collected in the
-:class:`LoadReport` and left to the evaluation to score.
+:class:`LoadReport` and left to the evaluation to score, unless no record of the file has its
+media (:func:`require_usable`: a wrong root, not a benchmark).
 """
 
 from __future__ import annotations

@@ -515,7 +515,11 @@ def _companion(path: Path, csv_name: str) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{csv_name}: NExT-GQA CSV needs {path.name} in the same folder "
                         f"({path} not found)")
-    data = json.loads(_read_text(path)) if path.stat().st_size else None
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON (column {exc.colno}): {exc.msg}") \
+            from exc
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object keyed by video_id")
     return data

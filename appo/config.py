@@ -47,14 +47,38 @@ class SyntheticConfig:
 
 
 @dataclass
+class FileSpec:
+    """One annotation file with its own path layout: ``{path: ..., video_root: ...}``.
+
+    A ``data.files`` or ``eval.benchmarks`` entry is a plain path or this mapping; its unset
+    roots fall back to the section's, so files laid out differently (Video-R1's
+    ``./Evaluation/...``, SEED-Bench-R1's ``videos/<source>/...``) live in one config.
+    """
+
+    path: str = ""
+    video_root: str | None = None
+    image_root: str | None = None
+    strip_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("'path' is missing (the annotation file of this entry)")
+
+
+#: A ``data.files`` / ``eval.benchmarks`` value: an annotation file path or a :class:`FileSpec`.
+AnnotationFile = str | FileSpec
+
+
+@dataclass
 class DataConfig:
     """Which dataset the pipeline trains and evaluates on."""
 
     source: str = "synthetic"  # synthetic | files
     out_dir: str = "data/dataset"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # source == files: split -> annotation file (Video-R1 JSON/JSONL, NExT-GQA, SEED-Bench-R1)
-    files: dict[str, str] = field(default_factory=dict)
+    # source == files: split -> annotation file (Video-R1 JSON/JSONL, NExT-GQA JSON or CSV,
+    # SEED-Bench-R1), a path or {path, video_root, image_root, strip_prefix}
+    files: dict[str, AnnotationFile] = field(default_factory=dict)
     video_root: str | None = None
     image_root: str | None = None
     strip_prefix: str | None = None
@@ -131,6 +155,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        structured = [arg for arg in args if dataclasses.is_dataclass(arg)]
+        if isinstance(value, dict) and len(structured) == 1:
+            return _coerce(structured[0], value, where)  # its error names the wrong key
         errors = []
         for arg in args:
             if arg is type(None):
@@ -369,8 +396,9 @@ class EvalConfig:
     max_new_tokens: int = 64
     missing: str = "wrong"  # wrong (a missing video scores 0) | exclude (left out, still listed)
     splits: list[str] = field(default_factory=lambda: ["test"])  # from data.out_dir
-    # extra benchmarks: name -> annotation file (Video-R1 / NExT-GQA / SEED-Bench-R1, auto)
-    benchmarks: dict[str, str] = field(default_factory=dict)
+    # extra benchmarks: name -> annotation file (Video-R1 / NExT-GQA / SEED-Bench-R1, auto),
+    # a path or {path, video_root, image_root, strip_prefix}
+    benchmarks: dict[str, AnnotationFile] = field(default_factory=dict)
     video_root: str | None = None
     image_root: str | None = None
     strip_prefix: str | None = None
@@ -381,6 +409,9 @@ class EvalConfig:
     # > 0: also sample this many answers per question at temperature 1 and report
     # sampled_accuracy (what RL optimises; greedy accuracy moves later)
     samples: int = 0
+    # pipeline (greedy, frames.* pixels, the RL reward rules) | videor1 (Video-R1's published
+    # evaluation) | appo (the APPO paper's); see appo/eval/protocol.py
+    protocol: str = "pipeline"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,27 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. ]+")
+
+
+def metric_key(key: str) -> str:
+    """``key`` as a metric name MLflow accepts, with its ``/`` hierarchy kept.
+
+    Names come from the data (a VideoMMMU ``data_source`` is a URL): MLflow rejects characters
+    outside ``[A-Za-z0-9_-. /]`` and any path that is not already normalised (``//``, ``.``
+    or ``..`` components, a leading ``/``). Each ``/`` component is cleaned on its own and
+    empty ones dropped, so ``family/https://a.io/x/accuracy`` -> ``family/https_/a.io/x/accuracy``.
+    """
+    parts = []
+    for part in key.split("/"):
+        part = _KEY_BAD_CHARS.sub("_", part).strip()
+        if part in (".", ".."):
+            part = part.replace(".", "_")
+        if part:
+            parts.append(part)
+    return "/".join(parts) or "_"
 
 
 class RunLogger:
@@ -67,7 +89,7 @@ class RunLogger:
             self._mlflow.log_params(flat)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        clean = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
         self._file.flush()
         if self._mlflow is not None:

@@ -245,7 +245,7 @@ def test_attention_and_weight_controls_in_the_trainer(fresh_policy, synthetic_da
                       reward_fn=_digit_reward).collect()
     rows = torch.arange(batch.rollout.prompt_ids.shape[0])
     mask = batch.rollout.response_mask.bool()
-    grid = batch.rollout.model_inputs()["video_grid_thw"]
+    grid = batch.rollout.model_inputs()["video_grid_thw"][:, 0]  # temporal patches per row
     trainer = RLTrainer(model, processor, cfg, control(attention="random"), records["rl"], store)
     attn, frame_valid = trainer._random_attention(mask, grid, rows)
     assert attn.shape == (8, mask.shape[1], frame_valid.shape[1]) and frame_valid.all()

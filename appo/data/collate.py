@@ -35,30 +35,37 @@ def encode_prompts(processor, records: Sequence[VideoQA], store: FrameStore,
                    shuffle_seed: int | None = None) -> dict:
     """Left-padded prompt ids + visual inputs for a batch of questions.
 
+    A batch may mix video, image-only and video+image questions (Video-R1-260k does): the
+    processor takes the batch's videos and images as two flat lists in prompt order.
     ``shuffle_seed`` presents each video's cached frames in a seeded random order (T-GRPO's
     temporal contrast); the processor path is otherwise identical.
     """
-    videos = [store.get(qa.video) for qa in records]
+    videos = [store.get(qa.video_file) for qa in records if qa.video_file is not None]
     if shuffle_seed is not None:
         rng = np.random.default_rng(shuffle_seed)
         videos = [dataclasses.replace(v, frames=v.frames[rng.permutation(len(v.frames))])
                   for v in videos]
-    images = [_load_image(qa.image) for qa in records if qa.image is not None]
+    images = [_image(qa.image_file, store) for qa in records if qa.image_file is not None]
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    batch = processor(
-        text=prompt_texts(processor, records),
-        videos=[v.frames for v in videos],
-        images=images or None,
-        padding=True,
-        return_tensors="pt",
-        videos_kwargs={"video_metadata": [v.metadata() for v in videos], "do_sample_frames": False},
-    )
+    media: dict = {}
+    if videos:
+        media["videos"] = [v.frames for v in videos]
+        media["videos_kwargs"] = {"video_metadata": [v.metadata() for v in videos],
+                                  "do_sample_frames": False}
+    if images:
+        media["images"] = images
+    batch = processor(text=prompt_texts(processor, records), padding=True, return_tensors="pt",
+                      **media)
     return {k: v for k, v in batch.items()
             if k in ("input_ids", "attention_mask", TOKEN_TYPES) + VISUAL_KEYS}
 
 
-def _load_image(path: str):
+def _image(path: str, store: FrameStore):
+    """The image from the frame cache, or read from its file when the cache does not hold it
+    (a cache written before images were cached)."""
+    if path in store:
+        return store.image(path)
     from PIL import Image
 
     with Image.open(path) as im:

@@ -4,7 +4,9 @@ Three formats are understood:
 
 * ``videor1``: Video-R1 style JSON (Video-R1-260k, its CoT SFT file, Video-R1 eval files, the
   APPO paper's Perception Test file) and everything :meth:`VideoQA.to_json` writes;
-* ``nextgqa``: NExT-GQA with native NExT-QA fields (plain options, index answer, time clues);
+* ``nextgqa``: NExT-GQA with native NExT-QA fields (plain options, index answer, time clues),
+  or its official CSV release (text answers; spans and video paths from the ``gsub_<split>.json``
+  and ``map_vid_vidorID.json`` shipped next to it);
 * ``seedbench_r1``: SEED-Bench-R1, both the training form (``answer`` + ``negative_answers``,
   options sampled with a fixed seed) and the evaluation form (``choice_a`` .. ``choice_d`` +
   ``golden_choice_idx``).
@@ -12,11 +14,14 @@ Three formats are understood:
 Malformed records fail fast with a :class:`DataError` naming the file, the line (JSONL) or
 index (JSON list) and the field; silently dropping records would give wrong benchmark numbers.
 The only tolerated problem is a missing video/image file, which is collected in the
-:class:`LoadReport` and left to the evaluation to score.
+:class:`LoadReport` and left to the evaluation to score, unless no record of the file has its
+media (:func:`require_usable`: a wrong root, not a benchmark).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -38,22 +43,30 @@ from appo.data.schema import (
 __all__ = [
     "FORMATS",
     "PathRemap",
+    "annotation_source",
     "detect_format",
     "from_nextgqa",
     "from_seedbench_r1",
     "from_videor1",
     "load_annotations",
+    "load_source",
     "missing_media",
     "read_records",
+    "require_usable",
 ]
 
 FORMATS = ("videor1", "nextgqa", "seedbench_r1")
 DATA_TYPES = ("video", "image", "video+image")
 SEEDBENCH_NUM_NEGATIVES = 3
+# NExT-GQA's official <split>.csv (text answers); spans and paths come from its companion files.
+NEXTGQA_CSV_COLUMNS = ("video_id", "question", "answer", "qid", "type", "a0", "a1", "a2", "a3",
+                       "a4")
+NEXTGQA_VIDEO_MAP = "map_vid_vidorID.json"
 
 BaseDir = str | os.PathLike[str] | None
 
 _SEP_RE = re.compile(r"[\\/]")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
 _LETTER_ANSWER_RE = re.compile(r"^\(?([A-J])\)?(?:[.):]\s*.*)?$", re.DOTALL)
 
 
@@ -66,6 +79,21 @@ def _basename(path: str) -> str:
     return _SEP_RE.split(path.rstrip("/\\"))[-1]
 
 
+def _stem(path: str) -> str:
+    """Basename without its extension: the video id of NExT-QA style paths."""
+    return os.path.splitext(_basename(path))[0]
+
+
+def _is_absolute(path: str) -> bool:
+    """Absolute on any machine: POSIX ``/x``, Windows ``\\x`` or ``C:\\x`` (foreign paths)."""
+    return path.startswith(("/", "\\")) or _DRIVE_RE.match(path) is not None
+
+
+def _parts(path: str) -> list[str]:
+    """Path components for either separator, without empty and ``.`` components."""
+    return [p for p in _SEP_RE.split(path) if p and p != "."]
+
+
 @dataclass(frozen=True)
 class PathRemap:
     """Maps the foreign paths stored in annotation files onto this machine.
@@ -73,7 +101,9 @@ class PathRemap:
     ``resolve`` uses ``video_root`` (or ``image_root`` for ``kind="image"``): with no root the
     path is kept (a relative path is joined to ``base_dir``, the annotation file's directory);
     with a root and a matching ``strip_prefix`` the suffix after the prefix is kept under the
-    root; otherwise only the basename is kept under the root.
+    root; a relative path (Video-R1's ``./Evaluation/...``, NExT-QA's ``1025/123.mp4``) is
+    kept whole under the root, because its folders are part of the release layout; otherwise
+    (a foreign absolute path) only the basename is kept under the root.
     """
 
     video_root: str | None = None
@@ -99,26 +129,65 @@ class PathRemap:
             if path == prefix_norm or (
                 path.startswith(prefix_norm) and path[len(prefix_norm)] in "/\\"
             ):
-                suffix = path[len(prefix_norm) :].lstrip("/\\")
-                parts = [p for p in _SEP_RE.split(suffix) if p]
-                return os.path.join(root, *parts)
+                return os.path.join(root, *_parts(path[len(prefix_norm) :]))
+        if not _is_absolute(path):
+            return os.path.join(root, *_parts(path))
         return os.path.join(root, _basename(path))
+
+
+def annotation_source(entry: Any, section: PathRemap) -> tuple[str, PathRemap]:
+    """(path, remap) of a ``data.files`` / ``eval.benchmarks`` entry.
+
+    An entry is a path (the section's roots apply) or a :class:`appo.config.FileSpec` whose
+    set roots override the section's, so every file keeps its own release layout.
+    """
+    if isinstance(entry, (str, os.PathLike)):
+        return os.fspath(entry), section
+    remap = PathRemap(
+        entry.video_root if entry.video_root is not None else section.video_root,
+        entry.image_root if entry.image_root is not None else section.image_root,
+        entry.strip_prefix if entry.strip_prefix is not None else section.strip_prefix,
+    )
+    return entry.path, remap
 
 
 # --------------------------------------------------------------------------------------------
 # reading files
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[bool, list[tuple[int, dict[str, Any]]]]:
-    """(is_json_list, records); numbers are 0-based indices for a list, 1-based lines for JSONL."""
+def _read_text(path: str | os.PathLike[str]) -> str:
+    """The whole annotation file as text (a BOM is dropped: some releases were saved with one)."""
     name = os.fspath(path)
     try:
-        text = Path(name).read_text(encoding="utf-8-sig")
+        return Path(name).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise DataError(f"{name}: cannot read annotation file: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{name}: not UTF-8 text: {exc}") from exc
+
+
+def _is_csv(name: str, text: str) -> bool:
+    """A ``.csv`` name, or a first line that is neither JSON nor JSONL but has commas."""
+    first = text.lstrip().split("\n", 1)[0]
+    return name.lower().endswith(".csv") or (first[:1] not in "[{" and "," in first)
+
+
+def _is_record(raw: dict[str, Any]) -> bool:
+    """Whether a JSON object carries a field of some supported record format."""
+    return any(key in raw for _, keys in _SIGNATURES for key in keys)
+
+
+def _parse_json(name: str, text: str) -> tuple[bool, list[tuple[int, dict[str, Any]]]]:
+    """(is_json_list, records) of JSON-list or JSONL text; see :func:`read_records`.
+
+    A pretty-printed wrapper object such as ``{"data": [...]}`` would otherwise surface as
+    "invalid JSON" on its second line, so a whole-file object that is not a record is named
+    for what it is.
+    """
     stripped = text.lstrip()
+    if _is_csv(name, text):
+        raise DataError(f"{name}: CSV: only NExT-GQA's CSV ({', '.join(NEXTGQA_CSV_COLUMNS)}) "
+                        "is supported, and only through load_annotations")
     out: list[tuple[int, dict[str, Any]]] = []
     if stripped.startswith("["):
         try:
@@ -134,6 +203,17 @@ def _read(path: str | os.PathLike[str]) -> tuple[bool, list[tuple[int, dict[str,
                 )
             out.append((index, entry))
         return True, out
+    if stripped.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSONL (several objects) or broken: the line loop below says which
+        if isinstance(whole, dict):
+            if not _is_record(whole):
+                keys = ", ".join(sorted(whole)[:5])
+                raise DataError(f"{name}: top-level JSON object (keys: {keys}), expected a list "
+                                "of records (JSON list) or one record per line (JSONL)")
+            return False, [(1, whole)]
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -155,9 +235,10 @@ def read_records(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]
     """Read a JSON-list or JSONL file (decided by content: first non-space char ``[``).
 
     Returns ``(number, record)`` pairs: the 0-based index for a JSON list, the 1-based line for
-    JSONL (blank lines skipped). Invalid JSON or a non-object entry raises :class:`DataError`.
+    JSONL (blank lines skipped). Invalid JSON, a non-object entry, a top-level wrapper object
+    or a CSV file raises :class:`DataError`.
     """
-    return _read(path)[1]
+    return _parse_json(os.fspath(path), _read_text(path))[1]
 
 
 def _where(path: str | os.PathLike[str], number: int, is_list: bool) -> str:
@@ -270,6 +351,23 @@ def _int_list(raw: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _option_text(option: str, index: int, where: str) -> str:
+    """Text of an already lettered Video-R1 option, ``"A. text"`` or ``"A) text"``.
+
+    Video-R1-260k mixes both styles in one file, so both are accepted (and rewritten to the
+    one ``"A. "`` style by :func:`_lettered`); the letter must still match the position, since
+    the gold answer is a letter.
+    """
+    letter = OPTION_LETTERS[index]
+    match = re.match(rf"\s*{letter}\s*[.)]\s*(.*)$", option, re.DOTALL)
+    if match is None:
+        raise _err(
+            where, "options", f"item {index} must start with '{letter}.' or '{letter})', "
+            f"got {option!r}"
+        )
+    return match.group(1)
+
+
 def _lettered(options: list[str]) -> tuple[str, ...]:
     return tuple(f"{OPTION_LETTERS[i]}. {text.strip()}" for i, text in enumerate(options))
 
@@ -298,8 +396,8 @@ def from_videor1(
 ) -> VideoQA:
     """Video-R1 style record (also what :meth:`VideoQA.to_json` writes) -> :class:`VideoQA`.
 
-    Multiple-choice options are kept as given (already lettered ``"A. ..."``, validated in
-    order); the gold letter comes from ``solution``. ``family`` falls back to ``data_source``.
+    Multiple-choice options come lettered, ``"A. ..."`` or ``"A) ..."`` (validated in order,
+    stored as ``"A. ..."``); the gold letter comes from ``solution``. ``family`` falls back to ``data_source``.
     """
     problem_id = _req_id(raw, "problem_id", where)
     problem = _req_str(raw, "problem", where)
@@ -316,12 +414,7 @@ def from_videor1(
     options = _str_list(raw, "options", where, required=is_mc)
     if is_mc:
         _check_option_count(len(options), "options", where)
-        for i, option in enumerate(options):
-            letter = OPTION_LETTERS[i]
-            if not option.lstrip().startswith(f"{letter}."):
-                raise _err(
-                    where, "options", f"item {i} must start with '{letter}.', got {option!r}"
-                )
+        options = [_option_text(option, i, where) for i, option in enumerate(options)]
 
     solution = _req_str(raw, "solution", where)
     answer = parse_solution(solution, where)
@@ -357,7 +450,7 @@ def from_videor1(
         problem_type=problem_type,
         answer=answer,
         video=video,
-        options=tuple(options),
+        options=_lettered(options),
         data_type=data_type,
         image=image,
         process=_opt_str(raw, "process", where),
@@ -375,9 +468,11 @@ def from_nextgqa(
     """NExT-GQA record (native NExT-QA fields) -> multiple-choice :class:`VideoQA`.
 
     Plain options become ``"A. ..."``; the index answer ``"0".."4"`` becomes the letter;
-    ``time_clues`` become ``time_spans`` and ``qtype`` the ``family``.
+    ``time_clues`` become ``time_spans`` and ``qtype`` the ``family``. A ``qid`` is unique only
+    within its video, so the id is ``<video id>_<qid>`` (kept as is when the qid already
+    starts with the video id): paired comparisons key rows by (benchmark, problem_id).
     """
-    problem_id = _req_id(raw, "qid", where)
+    qid = _req_id(raw, "qid", where)
     question = _req_str(raw, "question", where)
     options = _str_list(raw, "options", where, required=True)
     _check_option_count(len(options), "options", where)
@@ -397,6 +492,8 @@ def from_nextgqa(
             f"must be an option index 0..{len(options) - 1}, got {answer_raw!r}",
         )
     video_path = _req_str(raw, "video_path", where)
+    video_id = _stem(video_path)
+    problem_id = qid if qid.startswith(f"{video_id}_") else f"{video_id}_{qid}"
     return _build(
         where,
         problem_id=problem_id,
@@ -411,6 +508,73 @@ def from_nextgqa(
         family=_opt_str(raw, "qtype", where),
         dataset_name=_opt_str(raw, "dataset_name", where) or "nextgqa",
     )
+
+
+def _companion(path: Path, csv_name: str) -> dict[str, Any]:
+    """A JSON object shipped next to NExT-GQA's CSV (``gsub_<split>.json``, the video map)."""
+    if not path.is_file():
+        raise DataError(f"{csv_name}: NExT-GQA CSV needs {path.name} in the same folder "
+                        f"({path} not found)")
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON (column {exc.colno}): {exc.msg}") \
+            from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object keyed by video_id")
+    return data
+
+
+def nextgqa_csv_record(
+    row: dict[str, Any], where: str, spans: dict[str, Any], video_map: dict[str, Any]
+) -> dict[str, Any]:
+    """One row of NExT-GQA's official CSV -> the native NExT-GQA record :func:`from_nextgqa` reads.
+
+    The CSV gives the answer as text (one of ``a0`` .. ``a4``), the spans live in
+    ``gsub_<split>.json`` (``{video_id: {duration, location: {qid: [[s, e], ...]}}}``) and the
+    video path in ``map_vid_vidorID.json`` (``{video_id: "1025/123"}``, relative, no extension).
+    Converting to the native record keeps one adapter for both NExT-GQA forms.
+    """
+    video_id = _req_str(row, "video_id", where).strip()
+    qid = _req_str(row, "qid", where).strip()
+    options = [_req_str(row, f"a{i}", where).strip() for i in range(5)]
+    answer = _req_str(row, "answer", where).strip()
+    if answer not in options:
+        raise _err(where, "answer", f"{answer!r} is not one of the options a0..a4")
+    if video_id not in video_map:
+        raise _err(where, "video_id", f"{video_id!r} has no entry in {NEXTGQA_VIDEO_MAP}")
+    entry = spans.get(video_id)
+    location = entry.get("location") if isinstance(entry, dict) else None
+    if not isinstance(location, dict) or qid not in location:
+        raise _err(where, "qid", f"{qid!r} of video {video_id!r} has no span in the gsub file")
+    return {
+        "qid": qid,
+        "question": _req_str(row, "question", where),
+        "video_path": f"{video_map[video_id]}.mp4",
+        "options": options,
+        "answer": str(options.index(answer)),
+        "qtype": row.get("type"),
+        "duration": entry.get("duration"),
+        "time_clues": location[qid],
+        "dataset_name": "nextgqa",
+    }
+
+
+def _nextgqa_csv(name: str, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, native record) of every row of NExT-GQA's official CSV and its companion files."""
+    reader = csv.DictReader(io.StringIO(text))
+    absent = [c for c in NEXTGQA_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if absent:
+        raise DataError(f"{name}: CSV: only NExT-GQA's CSV ({', '.join(NEXTGQA_CSV_COLUMNS)}) "
+                        f"is supported; this header lacks {', '.join(absent)}")
+    folder = Path(name).parent
+    spans = _companion(folder / f"gsub_{Path(name).stem}.json", name)
+    video_map = _companion(folder / NEXTGQA_VIDEO_MAP, name)
+    out = []
+    for row in reader:
+        where = f"{name}:{reader.line_num}"
+        out.append((where, nextgqa_csv_record(row, where, spans, video_map)))
+    return out
 
 
 def _golden_index(value: Any, n: int, where: str) -> int:
@@ -465,6 +629,10 @@ def from_seedbench_r1(
 ) -> VideoQA:
     """SEED-Bench-R1 record -> multiple-choice ``"video+image"`` :class:`VideoQA`.
 
+    A record whose ``task_progress_metadata`` is empty (the task has not started, so there is
+    no clip) is ``"image"``-only, as the official evaluation treats it: the observation image
+    is the record's one visual input.
+
     Evaluation form (``choice_a`` ..) is used when ``choice_a`` is present, else the training
     form (``answer`` + ``negative_answers``, see :func:`seedbench_options`). Video is
     ``<video_root>/videos/<video_source>/<video_basename>``, image is
@@ -494,11 +662,19 @@ def from_seedbench_r1(
             raise _err(where, "negative_answers", "has no usable wrong answer")
 
     source = _req_str(raw, "video_source", where)
-    video_name = _basename(_req_str(raw, "video_basename", where))
     image_name = _basename(_req_str(raw, "current_observation_basename", where))
     default_root = os.fspath(base_dir) if base_dir is not None else "."
-    video_root = remap.video_root or default_root
     image_root = remap.image_root or remap.video_root or default_root
+    image = os.path.join(image_root, "images", source, image_name)
+    media: dict[str, Any] = {"data_type": "image", "video": image}
+    progress = raw.get("task_progress_metadata")
+    if progress is not None and not isinstance(progress, list):
+        raise _err(where, "task_progress_metadata", f"must be a list, got {progress!r}")
+    if progress != []:  # no progress yet: the official evaluation shows the image alone
+        video_name = _basename(_req_str(raw, "video_basename", where))
+        video_root = remap.video_root or default_root
+        media = {"data_type": "video+image", "image": image,
+                 "video": os.path.join(video_root, "videos", source, video_name)}
 
     return _build(
         where,
@@ -506,13 +682,11 @@ def from_seedbench_r1(
         problem=f"Task goal: {task_goal.strip()}\n{question.strip()}",
         problem_type="multiple choice",
         answer=OPTION_LETTERS[gold],
-        video=os.path.join(video_root, "videos", source, video_name),
         options=_lettered(choices),
-        data_type="video+image",
-        image=os.path.join(image_root, "images", source, image_name),
         duration=_opt_float(raw, "duration", where),
         family=source,
         dataset_name=_opt_str(raw, "dataset_name", where) or "seed_bench_r1",
+        **media,
     )
 
 
@@ -573,6 +747,16 @@ def missing_media(qa: VideoQA) -> list[str]:
     return [path for _, path in _missing(qa)]
 
 
+def _raw_records(path: str | os.PathLike[str]) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+    """(where, raw record) pairs of any supported file, and whether it was NExT-GQA's CSV."""
+    name = os.fspath(path)
+    text = _read_text(path)
+    if _is_csv(name, text):
+        return _nextgqa_csv(name, text), True
+    is_list, records = _parse_json(name, text)
+    return [(_where(path, number, is_list), raw) for number, raw in records], False
+
+
 def load_annotations(
     path: str | os.PathLike[str],
     remap: PathRemap | None = None,
@@ -580,26 +764,54 @@ def load_annotations(
     check_files: bool = True,
     seed: int = 0,
 ) -> tuple[list[VideoQA], LoadReport]:
-    """Read an annotation file (JSON list or JSONL) of any supported format.
+    """Read an annotation file (JSON list, JSONL or NExT-GQA's CSV) of any supported format.
 
     A malformed record raises :class:`DataError` (file, line/index, field). With
     ``check_files``, missing video/image files are listed in the report as
     ``"file:line: video not found: /x/y.mp4"`` and the record is still returned. ``fmt="auto"``
     detects the format per record; ``seed`` drives SEED-Bench-R1 training-form option sampling.
+    NExT-GQA's CSV is read with ``gsub_<split>.json`` and ``map_vid_vidorID.json`` from its
+    folder, as the release ships them.
     """
     remap = remap if remap is not None else PathRemap()
     if fmt != "auto":
         _adapter(fmt, seed)  # validate fmt before reading
-    is_list, records = _read(path)
+    records, from_csv = _raw_records(path)
     base_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
     report = LoadReport()
     out: list[VideoQA] = []
-    for number, raw in records:
-        where = _where(path, number, is_list)
-        record_fmt = detect_format(raw, where) if fmt == "auto" else fmt
+    for where, raw in records:
+        record_fmt = "nextgqa" if from_csv else detect_format(raw, where) if fmt == "auto" else fmt
         qa = _adapter(record_fmt, seed)(raw, where, remap, base_dir)
         if check_files:
             for kind, media in _missing(qa):
                 report.add(f"{where}: {kind} not found: {media}")
         out.append(qa)
     return out, report
+
+
+def require_usable(path: str | os.PathLike[str], records: list[VideoQA]) -> None:
+    """Fail when no record of a file has its media on this machine.
+
+    That is a wrong ``video_root`` / ``strip_prefix``, not a benchmark on which the model
+    scores 0%: left alone it gives a page of warnings and a successful run that DVC caches.
+    """
+    if records and all(missing_media(qa) for qa in records):
+        first = missing_media(records[0])[0]
+        raise DataError(f"{os.fspath(path)}: none of its {len(records)} records has its media "
+                        f"on this machine (first missing: {first}); check video_root, "
+                        "image_root and strip_prefix")
+
+
+def load_source(
+    entry: Any, section: PathRemap, seed: int = 0
+) -> tuple[str, list[VideoQA], LoadReport]:
+    """(path, records, report) of one ``data.files`` / ``eval.benchmarks`` entry.
+
+    The one loader of both stages: per-file roots (:func:`annotation_source`), missing media
+    listed in the report, and :func:`require_usable`.
+    """
+    path, remap = annotation_source(entry, section)
+    records, report = load_annotations(path, remap, seed=seed)
+    require_usable(path, records)
+    return path, records, report

@@ -1,9 +1,11 @@
-"""Decode videos once with decord and cache the sampled frames, so training never decodes video.
+"""Decode videos (decord) and images (PIL) once and cache them, so training never decodes media.
 
 Each usable video becomes one ``.npy`` file of uint8 frames [T, H, W, 3] plus a row in
-``manifest.parquet`` (source path, cache file, sampled indices, timestamps, source fps/length,
-shape). Unreadable videos are skipped and listed with the reason in ``skipped.json``; the stage
-fails only when nothing usable remains. Every file is written atomically.
+``manifest.parquet`` (source path, cache file, kind, sampled indices, timestamps, source
+fps/length, shape); an image is cached the same way as one frame [1, H, W, 3] of kind
+``image``, resized to the same pixel budget. Unreadable files are skipped and listed with the
+reason in ``skipped.json``; the stage fails only when nothing usable remains. Every file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +90,30 @@ def extract_video(path: str | Path, cfg: FramesConfig) -> tuple[np.ndarray, dict
     return frames, meta
 
 
+def extract_image(path: str | Path, cfg: FramesConfig) -> tuple[np.ndarray, dict]:
+    """One image as a single resized uint8 frame [1, H, W, 3] and its manifest fields.
+
+    Same pixel budget (``cfg.max_pixels``) and resize as video frames, so an image question
+    costs what one frame of a video question costs.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FrameError("file not found")
+    try:
+        with Image.open(path) as im:
+            frame = np.array(im.convert("RGB"))[None]
+    except (OSError, UnidentifiedImageError) as exc:
+        raise FrameError(f"unreadable image: {str(exc).splitlines()[0][:200]}") from exc
+    h, w = fit_pixels(frame.shape[1], frame.shape[2], cfg.max_pixels)
+    if (h, w) != frame.shape[1:3]:
+        frame = _resize(frame, h, w)
+    meta = dict(indices=[0], timestamps=[0.0], source_fps=0.0, source_frames=1, height=h,
+                width=w)
+    return frame, meta
+
+
 def _resize(frames: np.ndarray, h: int, w: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
@@ -110,37 +137,49 @@ def cache_name(video: str) -> str:
     return hashlib.sha1(video_key(video).encode()).hexdigest()[:20] + ".npy"
 
 
-def extract_all(videos: list[str], out_dir: str | Path, cfg: FramesConfig) -> pd.DataFrame:
-    """Extract every video (paths as given) into ``out_dir``; returns the manifest.
+def extract_all(videos: list[str], out_dir: str | Path, cfg: FramesConfig,
+                images: Iterable[str] = ()) -> pd.DataFrame:
+    """Extract every video and image (paths as given) into ``out_dir``; returns the manifest.
 
-    Writes ``manifest.parquet`` and ``skipped.json``. Raises FrameError if no video is usable.
+    Writes ``manifest.parquet`` and ``skipped.json``. Raises FrameError if nothing is usable.
     """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unique = sorted({video_key(v) for v in videos})
+    kinds = {video_key(v): "video" for v in videos} | {video_key(i): "image" for i in images}
+    unique = sorted(kinds)
+    extract = {"video": extract_video, "image": extract_image}
 
-    def work(video: str) -> dict:
+    def work(path: str) -> dict:
+        kind = kinds[path]
         try:
-            frames, meta = extract_video(video, cfg)
+            frames, meta = extract[kind](path, cfg)
         except FrameError as exc:
-            return {"video": video, "error": str(exc)}
-        atomic_write_npy(out_dir / cache_name(video), frames)
-        return {"video": video, "file": cache_name(video), **meta}
+            return {"video": path, "kind": kind, "error": str(exc)}
+        atomic_write_npy(out_dir / cache_name(path), frames)
+        return {"video": path, "kind": kind, "file": cache_name(path), **meta}
 
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-        rows = list(tqdm(pool.map(work, unique), total=len(unique), desc="frames", unit="video"))
+        rows = list(tqdm(pool.map(work, unique), total=len(unique), desc="frames", unit="file"))
     skipped = [r for r in rows if "error" in r]
     atomic_write_json(out_dir / "skipped.json", skipped)
     good = [r for r in rows if "error" not in r]
     if not good:
-        first = skipped[0]["error"] if skipped else "no videos given"
+        first = f"{skipped[0]['video']}: {skipped[0]['error']}" if skipped else "no videos given"
         raise FrameError(f"no usable video among {len(unique)} (first problem: {first})")
     manifest = pd.DataFrame(good)
     with atomic_path(out_dir / MANIFEST) as tmp:
         manifest.to_parquet(tmp, index=False)
     return manifest
+
+
+def extract_records(records: Iterable, out_dir: str | Path, cfg: FramesConfig) -> pd.DataFrame:
+    """:func:`extract_all` over the media of question records: videos and images alike."""
+    records = list(records)
+    videos = [qa.video_file for qa in records if qa.video_file is not None]
+    images = [qa.image_file for qa in records if qa.image_file is not None]
+    return extract_all(videos, out_dir, cfg, images)
 
 
 @dataclass
@@ -175,6 +214,10 @@ class FrameStore:
 
     def __contains__(self, video: str) -> bool:
         return video_key(video) in self.rows
+
+    def image(self, path: str) -> np.ndarray:
+        """A cached image as uint8 [H, W, 3] (what the processor's ``images`` takes)."""
+        return self.get(path).frames[0]
 
     def get(self, video: str) -> CachedVideo:
         row = self.rows.get(video_key(video))

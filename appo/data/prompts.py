@@ -20,17 +20,16 @@ TYPE_INSTRUCTIONS = {
 }
 
 
-# Temporal-grounding benchmarks: the answer also carries <time>s to e</time> spans (NExT-GQA).
-GROUNDING_DATASETS = frozenset({"nextgqa"})
-
-
 def question_text(qa: VideoQA) -> str:
     """Question, its lettered options and the answer-format instruction, one per line."""
     lines = [qa.problem]
     if qa.options:
         lines.append("Options: " + " ".join(qa.options))
     lines.append(TYPE_INSTRUCTIONS[qa.problem_type])
-    if qa.dataset_name in GROUNDING_DATASETS:
+    # Grounding is asked for whenever the record has gold spans (NExT-GQA's time_clues), not by
+    # dataset name: APPO's own NExT-GQA file calls itself "nextqa", and without the
+    # instruction the spans are never produced, so mIoU would be ~0 by construction.
+    if qa.time_spans:
         duration = f"The video lasts {qa.duration:.1f} seconds. " if qa.duration else ""
         lines.append(f"{duration}After the answer, give the time spans that support it as "
                      "<time>s to e</time> in seconds.")
@@ -39,8 +38,10 @@ def question_text(qa: VideoQA) -> str:
 
 def messages(qa: VideoQA) -> list[dict[str, Any]]:
     """Chat messages with the media placeholders the processor expands into visual tokens."""
-    content: list[dict[str, Any]] = [{"type": "video"}]
-    if qa.image is not None:
+    content: list[dict[str, Any]] = []
+    if qa.video_file is not None:
+        content.append({"type": "video"})
+    if qa.image_file is not None:
         content.append({"type": "image"})
     content.append({"type": "text", "text": question_text(qa)})
     return [

@@ -64,6 +64,20 @@ class VideoQA:
                 )
 
     @property
+    def video_file(self) -> str | None:
+        """The video to decode; None for an image-only record.
+
+        An ``"image"`` record keeps its picture in ``video`` (Video-R1's one ``path`` field), so
+        every consumer asks here and in :attr:`image_file` instead of reading ``data_type``.
+        """
+        return None if self.data_type == "image" else self.video
+
+    @property
+    def image_file(self) -> str | None:
+        """The image shown to the model (Video-R1 image records, SEED-Bench-R1's observation)."""
+        return self.video if self.data_type == "image" else self.image
+
+    @property
     def solution(self) -> str:
         """The gold answer in the Video-R1 tag form."""
         return f"<answer>{self.answer}</answer>"

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from appo.eval.protocol import videor1_answer, videor1_score
 from appo.rl.rewards import (
     accuracy_reward,
     extract_answer,
@@ -38,8 +39,9 @@ Z95 = 1.959963984540054  # two-sided 95% standard-normal quantile
 UNKNOWN = "unknown"  # group key for rows without a family
 
 
-def score_prediction(qa: Any, response: str | None) -> dict[str, Any]:
-    """Score one response against its question with the RL reward rules.
+def score_prediction(qa: Any, response: str | None, scoring: str = "pipeline") -> dict[str, Any]:
+    """Score one response against its question with the RL reward rules (``scoring``
+    ``"pipeline"``) or Video-R1's evaluation rules (``"videor1"``, :func:`videor1_score`).
 
     Returns ``answer`` (extracted answer text or None), ``choice`` (the option letter it maps
     to, multiple choice only), ``correct`` (:func:`is_correct`), ``reward``
@@ -49,11 +51,18 @@ def score_prediction(qa: Any, response: str | None) -> dict[str, Any]:
     missing video) scores like an empty response.
     """
     text = response if isinstance(response, str) else ""
-    answer = extract_answer(text)
+    if scoring == "videor1":
+        answer: str | None = videor1_answer(text) or None
+        reward = float(videor1_score(text, qa))
+        correct = reward >= 0.5
+    elif scoring == "pipeline":
+        answer, reward, correct = extract_answer(text), accuracy_reward(text, qa), is_correct(text, qa)
+    else:
+        raise ValueError(f"scoring must be 'pipeline' or 'videor1', got {scoring!r}")
     out: dict[str, Any] = {
         "answer": answer,
-        "correct": bool(is_correct(text, qa)),
-        "reward": float(accuracy_reward(text, qa)),
+        "correct": bool(correct),
+        "reward": float(reward),
         "iou": None,
     }
     if qa.problem_type == "multiple choice":

@@ -17,6 +17,7 @@ from appo.data.collate import encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
 from appo.eval.metrics import score_prediction
+from appo.eval.protocol import PROTOCOLS, Protocol
 from appo.rl.rollout import Rollout, generate
 
 __all__ = ["MISSING_POLICIES", "HitRateFn", "evaluate", "missing_reason"]
@@ -30,18 +31,25 @@ HitRateFn = Callable[[Any, Any, Sequence[VideoQA], Rollout, FrameStore], Sequenc
 
 
 def missing_reason(qa: VideoQA, store: FrameStore | None) -> str | None:
-    """Why the question cannot be run (its media are unavailable), or None when it can."""
-    if store is None or qa.video not in store:
-        if not os.path.exists(qa.video):
-            return f"video file not found: {qa.video}"
-        return f"video not in the frame cache (unreadable or not extracted): {qa.video}"
-    if qa.image is not None and not os.path.isfile(qa.image):
-        return f"image file not found: {qa.image}"
+    """Why the question cannot be run (its media are unavailable), or None when it can.
+
+    A video must be in the frame cache; an image may also be read from its file.
+    """
+    if store is None:
+        return f"nothing cached for this benchmark: {qa.video}"
+    if qa.video_file is not None and qa.video_file not in store:
+        if not os.path.exists(qa.video_file):
+            return f"video file not found: {qa.video_file}"
+        return f"video not in the frame cache (unreadable or not extracted): {qa.video_file}"
+    image = qa.image_file
+    if image is not None and image not in store and not os.path.isfile(image):
+        return f"image file not found: {image}"
     return None
 
 
-def _row(qa: VideoQA, benchmark: str, response: str | None, **extra: Any) -> dict[str, Any]:
-    scored = score_prediction(qa, response)
+def _row(qa: VideoQA, benchmark: str, response: str | None, scoring: str = "pipeline",
+         **extra: Any) -> dict[str, Any]:
+    scored = score_prediction(qa, response, scoring)
     return {
         "problem_id": qa.problem_id,
         "benchmark": benchmark,
@@ -70,6 +78,7 @@ def evaluate(
     progress: bool = True,
     cache: str = "auto",
     samples: int = 0,
+    protocol: Protocol = PROTOCOLS["pipeline"],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Greedy-decode every question and score it; returns ``(rows, report)``.
 
@@ -86,6 +95,9 @@ def evaluate(
     (no end-of-turn within ``max_new_tokens``), ``missing`` and ``perception_hit`` (None
     unless ``hit_rate_fn`` is given). Rows follow the order of ``records``. ``cache``: the
     rollout engine's KV cache (:func:`appo.rl.rollout.resolve_cache`).
+
+    ``protocol`` sets the decoding (greedy, or its temperature / top-p) and the scoring rules
+    (:mod:`appo.eval.protocol`).
 
     ``report``: ``benchmark``, ``missing_policy``, ``n_records``, ``n_scored`` (rows returned),
     ``n_excluded`` and ``missing`` (a list of ``{"problem_id", "benchmark", "reason"}``).
@@ -112,7 +124,9 @@ def evaluate(
             batch_records = [records[i] for i in idx]
             batch = encode_prompts(processor, batch_records, store)
             rollout = generate(model, processor, batch, num_samples=1,
-                               max_new_tokens=max_new_tokens, greedy=True, cache=cache)
+                               max_new_tokens=max_new_tokens, greedy=protocol.greedy,
+                               temperature=protocol.temperature, top_p=protocol.top_p,
+                               cache=cache)
             hits: Sequence[bool | None] = [None] * len(idx)
             if hit_rate_fn is not None:
                 hits = list(hit_rate_fn(model, processor, batch_records, rollout, store))
@@ -123,13 +137,14 @@ def evaluate(
             if samples > 0:
                 drawn = generate(model, processor, batch, num_samples=samples,
                                  max_new_tokens=max_new_tokens, temperature=1.0, cache=cache)
-                sampled = [sum(score_prediction(qa, drawn.texts[j * samples + k])["correct"]
+                sampled = [sum(score_prediction(qa, drawn.texts[j * samples + k],
+                                                protocol.scoring)["correct"]
                                for k in range(samples)) / samples
                            for j, qa in enumerate(batch_records)]
             for j, i in enumerate(idx):
                 hit = hits[j]
                 extra = {} if sampled[j] is None else {"sampled_accuracy": sampled[j]}
-                rows[i] = _row(records[i], benchmark_name, rollout.texts[j],
+                rows[i] = _row(records[i], benchmark_name, rollout.texts[j], protocol.scoring,
                                truncated=bool(rollout.truncated[j]), missing=False,
                                perception_hit=None if hit is None else bool(hit), **extra)
     finally:
@@ -145,7 +160,7 @@ def evaluate(
                              "reason": reason})
         if missing == "wrong":
             extra = {"sampled_accuracy": 0.0} if samples > 0 else {}
-            rows[i] = _row(qa, benchmark_name, None, truncated=False, missing=True,
+            rows[i] = _row(qa, benchmark_name, None, protocol.scoring, truncated=False, missing=True,
                            perception_hit=None, **extra)
 
     ordered = [rows[i] for i in sorted(rows)]

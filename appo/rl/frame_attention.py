@@ -56,26 +56,34 @@ from torch import Tensor, nn
 
 
 def frame_index_of_tokens(
-    input_ids: Tensor, video_grid_thw: Tensor, video_token_id: int, merge_size: int
+    input_ids: Tensor, video_grid_thw: Tensor | None, video_token_id: int, merge_size: int,
+    image_token_id: int | None = None,
 ) -> Tensor:
     """Frame (temporal patch) index of each token, ``-1`` for non-visual tokens: ``[B, S]`` long.
 
     ``video_grid_thw`` holds one ``(t, h, w)`` row per video, in ``input_ids`` order (row-major
     over the batch). Video ``g`` contributes ``t * (h / m) * (w / m)`` video tokens, temporal-major,
-    so its token ``j`` belongs to frame ``j // ((h / m) * (w / m))``. Each batch row must hold
-    exactly one video.
+    so its token ``j`` belongs to frame ``j // ((h / m) * (w / m))``. Each batch row holds one
+    video, or, with ``image_token_id``, no video and an image: an image-only question (mixed
+    into Video-R1-260k batches) is a single frame made of its image tokens, so frame scores
+    and APPO weights stay defined for every row. A video row's image tokens (SEED-Bench-R1's
+    observation) belong to no frame.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-    grid = torch.as_tensor(video_grid_thw).reshape(-1, 3).tolist()
+    grid = [] if video_grid_thw is None else torch.as_tensor(video_grid_thw).reshape(-1, 3).tolist()
     is_video = input_ids == video_token_id
     counts = is_video.sum(1).tolist()
     out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
     g = 0
     for b, n_tokens in enumerate(counts):
         if n_tokens == 0:
-            raise ValueError(f"row {b} has no video tokens (id {video_token_id}); each row of the "
-                             "batch must hold exactly one video")
+            is_image = input_ids[b] == image_token_id if image_token_id is not None else None
+            if is_image is not None and bool(is_image.any()):
+                out[b, is_image] = 0
+                continue
+            raise ValueError(f"row {b} has no video tokens (id {video_token_id}) and no image "
+                             "tokens; each row of the batch must hold one video or one image")
         if g >= len(grid):
             raise ValueError(f"row {b} has video tokens but video_grid_thw has only {len(grid)} "
                              "rows (one per video)")
@@ -140,7 +148,7 @@ class _Prepared:
     """Per-batch index tensors built once by :meth:`FrameAttentionRecorder.prepare`."""
 
     def __init__(self, input_ids, attention_mask, video_grid_thw, video_token_id, merge_size,
-                 response_start, response_len):
+                 response_start, response_len, image_token_id=None):
         B, S = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -150,7 +158,8 @@ class _Prepared:
         if response_start < 1 or response_len < 1 or response_start + response_len > S:
             raise ValueError(f"response [{response_start}, {response_start + response_len}) does "
                              f"not fit a sequence of length {S} after a non-empty prompt")
-        frame_of = frame_index_of_tokens(input_ids, video_grid_thw, video_token_id, merge_size)
+        frame_of = frame_index_of_tokens(input_ids, video_grid_thw, video_token_id, merge_size,
+                                         image_token_id)
         frame_of = frame_of.cpu()
         key_valid = attention_mask.cpu().bool()
         self.shape = (B, S)
@@ -159,7 +168,7 @@ class _Prepared:
         # query of response token n (0-based) is position P + n - 1
         self.query_pos = torch.arange(response_len) + (response_start - 1)
         self.query_valid = key_valid[:, self.query_pos]
-        n_frames = frame_of.max(1).values + 1  # every row has a video
+        n_frames = frame_of.max(1).values + 1  # every row has a video or an image
         self.t_max = int(n_frames.max())
         self.frame_valid = torch.arange(self.t_max)[None, :] < n_frames[:, None]
         # [B, S, T_max]: 1 / (visual tokens of frame t) where position s is a token of frame t
@@ -207,6 +216,8 @@ class FrameAttentionRecorder:
         self.query_chunk = int(query_chunk)
         config = model.config
         self.video_token_id = int(config.video_token_id)
+        image_token_id = getattr(config, "image_token_id", None)
+        self.image_token_id = None if image_token_id is None else int(image_token_id)
         self.merge_size = int(config.vision_config.spatial_merge_size)
         self._handles: list = []
         self._prep: _Prepared | None = None
@@ -214,11 +225,13 @@ class FrameAttentionRecorder:
         self._seen: set[int] = set()
 
     # -- setup -------------------------------------------------------------------------------
-    def prepare(self, input_ids: Tensor, attention_mask: Tensor | None, video_grid_thw: Tensor,
-                response_start: int, response_len: int) -> None:
-        """Index the next forward: ``[B, S]`` ids/mask, response at ``[start, start + len)``."""
+    def prepare(self, input_ids: Tensor, attention_mask: Tensor | None,
+                video_grid_thw: Tensor | None, response_start: int, response_len: int) -> None:
+        """Index the next forward: ``[B, S]`` ids/mask, response at ``[start, start + len)``;
+        ``video_grid_thw`` is None when the batch holds images only."""
         self._prep = _Prepared(input_ids, attention_mask, video_grid_thw, self.video_token_id,
-                               self.merge_size, int(response_start), int(response_len))
+                               self.merge_size, int(response_start), int(response_len),
+                               self.image_token_id)
         self._acc = None
         self._seen = set()
 
@@ -330,9 +343,23 @@ def frame_attention(model: nn.Module, inputs: dict, response_start: int, respons
     runs its own forward (with ``logits_to_keep=1``, the logits are not needed).
     """
     recorder = FrameAttentionRecorder(model, layers, query_chunk)
-    recorder.prepare(inputs["input_ids"], inputs.get("attention_mask"), inputs["video_grid_thw"],
-                     response_start, response_len)
+    recorder.prepare(inputs["input_ids"], inputs.get("attention_mask"),
+                     inputs.get("video_grid_thw"), response_start, response_len)
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     with recorder, torch.no_grad():
         model(**forward_inputs, use_cache=False, logits_to_keep=1)
     return recorder.result()
+
+
+def frames_per_row(model: nn.Module, input_ids: Tensor, video_grid_thw: Tensor | None) -> Tensor:
+    """Temporal patches of each row's video (1 for an image-only row): ``[B]`` long.
+
+    The frame count :class:`FrameAttentionRecorder` would use, for controls that replace the
+    captured attention (``attention: random``).
+    """
+    config = model.config
+    image_token_id = getattr(config, "image_token_id", None)
+    frame_of = frame_index_of_tokens(input_ids, video_grid_thw, int(config.video_token_id),
+                                     int(config.vision_config.spatial_merge_size),
+                                     None if image_token_id is None else int(image_token_id))
+    return frame_of.max(1).values + 1

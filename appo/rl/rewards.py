@@ -197,8 +197,8 @@ _NUMBER = re.compile(
 )
 
 
-def _number_string(text: Any) -> str | None:
-    """The first number in ``text`` as a plain decimal string (commas dropped, words as digits)."""
+def _number_token(text: Any) -> str | None:
+    """The first number in ``text`` as written (thousands commas kept, words as digits)."""
     if isinstance(text, bool):
         return None
     if isinstance(text, (int, float)):
@@ -210,7 +210,13 @@ def _number_string(text: Any) -> str | None:
         return None
     if match.group("word"):
         return str(_NUMBER_WORDS[match.group("word").lower()])
-    return match.group("num").replace(",", "")
+    return match.group("num")
+
+
+def _number_string(text: Any) -> str | None:
+    """The first number in ``text`` as a plain decimal string (commas dropped, words as digits)."""
+    token = _number_token(text)
+    return None if token is None else token.replace(",", "")
 
 
 def parse_number(text: Any) -> float | None:
@@ -236,9 +242,27 @@ def _exact_number(text: Any) -> Fraction | None:
         return None
 
 
+def _has_decimal_mark(token: str) -> bool:
+    return "." in token or "," in token
+
+
 def numerical_accuracy(pred: str | float | None, gold: str | float, rel_tol: float = 0.0) -> float:
-    """1.0 iff round(pred, 2) == round(gold, 2), or |pred - gold| <= rel_tol * |gold|."""
-    p, g = parse_number(pred), parse_number(gold)
+    """Video-R1's numerical rule: 0.0 unless pred and gold both have, or both lack, a decimal
+    mark ("." or ","); then 1.0 iff round(pred, 2) == round(gold, 2), or
+    |pred - gold| <= rel_tol * |gold|.
+
+    So ``4.0`` against ``4`` and ``1,234`` against ``1234`` are wrong, as in Video-R1's reward
+    and evaluation scripts (the reference evaluator of every numerical record we read).
+    Deliberate difference: Video-R1 converts the whole answer with ``float`` (``"3 cups"``
+    scores 0), here the first number of the answer is used (``"3 cups"``, ``"three"`` -> 3),
+    and the decimal-mark test looks at that number as written.
+    """
+    p_token, g_token = _number_token(pred), _number_token(gold)
+    if p_token is None or g_token is None:
+        return 0.0
+    if _has_decimal_mark(p_token) != _has_decimal_mark(g_token):
+        return 0.0
+    p, g = parse_number(p_token), parse_number(g_token)
     if p is None or g is None:
         return 0.0
     if round(p, 2) == round(g, 2):
@@ -349,7 +373,7 @@ def ocr_accuracy(pred: str | None, gold: str) -> float:
 def accuracy_reward(response: str, qa: QARecord, *, numerical_rel_tol: float = 0.0) -> float:
     """Accuracy = the problem type's rule applied to extract_answer(response) vs ``qa.answer``.
 
-    multiple choice: letter match; numerical: 2-decimal match (or ``numerical_rel_tol``);
+    multiple choice: letter match; numerical: Video-R1's rule (:func:`numerical_accuracy`);
     regression: MRA; free-form: ROUGE-L F1; OCR: max(0, 1 - WER). An unknown
     ``qa.problem_type`` is a data error and raises ``ValueError``.
     """

@@ -52,7 +52,7 @@ class Rollout:
         """The rollout restricted to ``rows`` (e.g. the groups kept by dynamic sampling)."""
         rows = rows.to(self.prompt_ids.device)
         idx = rows.tolist()
-        visual = _select_visual(self.visual, idx)
+        visual = _select_visual(self.visual, idx, self.prompt_types)
         types = None if self.prompt_types is None else self.prompt_types[rows]
         return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
                        self.response_mask[rows], self.logprobs[rows], self.truncated[rows],
@@ -72,7 +72,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     def right(xs, value):
         return torch.cat([torch.nn.functional.pad(x, (0, n - x.shape[1]), value=value) for x in xs])
 
-    visual = {key: torch.cat([r.visual[key] for r in parts]) for key in parts[0].visual}
+    keys = dict.fromkeys(key for r in parts for key in r.visual)  # a part may lack a medium
+    visual = {key: torch.cat([r.visual[key] for r in parts if key in r.visual]) for key in keys}
     types = None if parts[0].prompt_types is None else left([r.prompt_types for r in parts], 0)
     return Rollout(
         left([r.prompt_ids for r in parts], pad_id), left([r.prompt_mask for r in parts], 0),
@@ -82,28 +83,59 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     )
 
 
-# (patch-row tensor, its grid tensor): pixel rows of all samples are concatenated.
-_MEDIA = (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw"))
+# (patch-row tensor, its grid tensor, mm_token_type_ids value of its placeholder tokens): pixel
+# rows of all samples are concatenated, in prompt order.
+_MEDIA = (("pixel_values_videos", "video_grid_thw", 2), ("pixel_values", "image_grid_thw", 1))
 
 
-def _select_visual(visual: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
-    """Visual inputs of the given batch rows (one video, optionally one image, per row)."""
+def _media_rows(types: torch.Tensor | None, type_id: int, n_media: int) -> list[int | None]:
+    """Index of each batch row's video (or image) among the batch's, None when it has none.
+
+    A row holds at most one video and one image, but a batch may mix video-only, image-only
+    and video+image rows (Video-R1-260k, SEED-Bench-R1), so the owner of each grid row is read
+    from the token types; without them every row is taken to hold one.
+    """
+    if types is None:
+        return list(range(n_media))
+    has = (types == type_id).any(1).tolist()
+    out: list[int | None] = []
+    seen = 0
+    for row_has in has:
+        out.append(seen if row_has else None)
+        seen += row_has
+    if sum(has) != n_media:
+        raise ValueError(f"{sum(has)} rows hold media of token type {type_id} but the batch has "
+                         f"{n_media} grids")
+    return out
+
+
+def _select_visual(visual: dict[str, torch.Tensor], rows: list[int],
+                   types: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Visual inputs of the given batch rows; ``types`` are the rows' ``mm_token_type_ids``.
+
+    A medium none of the selected rows holds is left out (the model takes no empty grids).
+    """
     out: dict[str, torch.Tensor] = {}
-    for values_key, grid_key in _MEDIA:
+    for values_key, grid_key, type_id in _MEDIA:
         if values_key not in visual:
             continue
         grid = visual[grid_key]
+        owner = _media_rows(types, type_id, len(grid))
+        picked = [owner[r] for r in rows if owner[r] is not None]
+        if not picked:
+            continue
         chunks = visual[values_key].split(grid.prod(-1).tolist())
-        out[values_key] = torch.cat([chunks[i] for i in rows])
-        out[grid_key] = grid[rows]
-    if "second_per_grid_ts" in visual:
-        out["second_per_grid_ts"] = visual["second_per_grid_ts"][rows]
+        out[values_key] = torch.cat([chunks[i] for i in picked])
+        out[grid_key] = grid[picked]
+        if grid_key == "video_grid_thw" and "second_per_grid_ts" in visual:
+            out["second_per_grid_ts"] = visual["second_per_grid_ts"][picked]
     return out
 
 
 def select_prompts(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
     """The prompt batch made of ``rows`` (repeats allowed), each with its own video patches."""
-    out = _select_visual({k: v for k, v in batch.items() if k in VISUAL_KEYS}, rows)
+    out = _select_visual({k: v for k, v in batch.items() if k in VISUAL_KEYS}, rows,
+                         batch.get(TOKEN_TYPES))
     index = torch.tensor(rows, device=batch["input_ids"].device)
     for key in ("input_ids", "attention_mask", TOKEN_TYPES):
         if key in batch:

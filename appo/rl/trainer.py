@@ -260,7 +260,8 @@ class RLTrainer:
             recorder = FrameAttentionRecorder(self.model, algo.perception.layers,
                                               algo.perception.query_chunk)
             recorder.prepare(inputs["input_ids"], inputs["attention_mask"],
-                             inputs["video_grid_thw"], part.prompt_ids.shape[1], response.shape[1])
+                             inputs.get("video_grid_thw"), part.prompt_ids.shape[1],
+                             response.shape[1])
             with recorder:
                 logp, hidden = token_logprobs(self.policy, inputs, response, cfg.temperature)
         else:
@@ -271,7 +272,7 @@ class RLTrainer:
         if algo.perception.enabled:
             if perception:
                 attn, frame_valid = (recorder.result() if recorder is not None else
-                                     self._random_attention(mask, inputs["video_grid_thw"], rows))
+                                     self._random_attention(mask, self._frames(inputs), rows))
                 weights_cache[int(rows[0])], pstats = self._perception_weights(
                     attn, mask, batch.correct[rows], hidden, logp,
                     [batch.records[i] for i in rows[:: self.cfg.num_generations].tolist()],
@@ -299,18 +300,24 @@ class RLTrainer:
         with self.model.disable_adapter():
             return token_logprobs(self.model, inputs, response, self.cfg.temperature)[0]
 
-    def _random_attention(self, mask: torch.Tensor, video_grid_thw: torch.Tensor,
+    def _frames(self, inputs: dict) -> torch.Tensor:
+        """Temporal patches of each row's video, 1 for an image-only row (``[B]``)."""
+        from appo.rl.frame_attention import frames_per_row
+
+        return frames_per_row(self.model, inputs["input_ids"], inputs.get("video_grid_thw"))
+
+    def _random_attention(self, mask: torch.Tensor, frames: torch.Tensor,
                           rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``attention: random``: seeded random frame scores in place of the captured attention.
 
         Same ``([B, N, T], [B, T])`` as :meth:`FrameAttentionRecorder.result` (``T`` temporal
-        patches of the longest video, from ``video_grid_thw``). Each group draws from its own
-        generator seeded by (rl seed, step, global group index), independent of torch's global
-        RNG (the rollouts are untouched) and of the process count and micro-batching, so a run
-        and its resume see the same scores.
+        patches of the longest row; ``frames`` holds each row's, see :meth:`_frames`). Each group
+        draws from its own generator seeded by (rl seed, step, global group index), independent
+        of torch's global RNG (the rollouts are untouched) and of the process count and
+        micro-batching, so a run and its resume see the same scores.
         """
         g = self.cfg.num_generations
-        frames = video_grid_thw[:, 0].long().to(mask.device)  # one video per row
+        frames = frames.long().to(mask.device)
         frame_valid = torch.arange(int(frames.max()), device=mask.device)[None] < frames[:, None]
         shape = (g, mask.shape[1], frame_valid.shape[1])
         parts = []

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from appo.config import DataConfig, load_section
-from appo.data.formats import PathRemap, load_annotations
+from appo.data.formats import PathRemap, load_source
 from appo.data.synthetic import generate_split
 from appo.io import atomic_write_json, atomic_write_text
 from appo.stages import stage_main
@@ -28,8 +28,8 @@ def run(cfg: DataConfig, seed: int = 0) -> dict[str, int]:
             counts[split] = len(records)
     elif cfg.source == "files":
         remap = PathRemap(cfg.video_root, cfg.image_root, cfg.strip_prefix)
-        for split, path in cfg.files.items():
-            records, report = load_annotations(path, remap)
+        for split, entry in cfg.files.items():
+            _, records, report = load_source(entry, remap)  # option sampling: fixed seed 0
             for problem in report.problems:
                 print(f"warning: {problem}")
             rows = []

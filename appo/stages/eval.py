@@ -4,8 +4,9 @@
 
 Benchmarks: every split in ``eval.splits`` (default ``test``) of ``data.out_dir``, with frames
 from the ``frames`` stage cache, plus each ``eval.benchmarks`` entry (name -> annotation file in
-any supported format, paths remapped with ``eval.video_root``/``image_root``/``strip_prefix``),
-whose videos are extracted into ``<out>/frames/<name>``. Writes, atomically, to ``<out>``
+any supported format, paths remapped with ``eval.video_root``/``image_root``/``strip_prefix``
+or the entry's own roots), whose videos and images are extracted into
+``<out>/frames/<name>`` (at the pixel budget of ``eval.protocol``, if it sets one). Writes, atomically, to ``<out>``
 (default ``outputs/eval/<name>``):
 
 * ``predictions.jsonl``: one scored row per question (see :func:`appo.eval.runner.evaluate`);
@@ -32,16 +33,16 @@ from appo.config import (
     load_section,
 )
 from appo.data.dataset import load_split, split_path
-from appo.data.formats import PathRemap, load_annotations
-from appo.data.frames import FrameError, FrameStore, extract_all
+from appo.data.formats import PathRemap, load_source
+from appo.data.frames import FrameError, FrameStore, extract_records
 from appo.data.schema import VideoQA
 from appo.eval.metrics import aggregate, markdown_table
+from appo.eval.protocol import PROTOCOLS
 from appo.eval.runner import MISSING_POLICIES, HitRateFn, evaluate
 from appo.io import atomic_write_json, atomic_write_text
 from appo.stages import stage_main
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_METRIC_SAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -52,6 +53,9 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.batch_size}")
     if cfg.max_new_tokens < 1:
         raise ConfigError(f"'eval.max_new_tokens' must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"'eval.protocol' must be one of {', '.join(PROTOCOLS)}, "
+                          f"got {cfg.protocol!r}")
     if cfg.samples < 0:
         raise ConfigError(f"'eval.samples' must be >= 0 (0 = greedy only), got {cfg.samples}")
     for name in [*cfg.splits, *cfg.benchmarks]:
@@ -74,34 +78,37 @@ def load_benchmarks(
         for split in cfg.splits:
             out.append((split, load_split(split_path(data.out_dir, split)), store, []))
     remap = PathRemap(cfg.video_root, cfg.image_root, cfg.strip_prefix)
-    for name, path in cfg.benchmarks.items():
-        records, report = load_annotations(path, remap, fmt="auto", seed=cfg.seed)
+    pixels = PROTOCOLS[cfg.protocol].max_pixels
+    bench_frames = dataclasses.replace(frames, max_pixels=pixels) if pixels else frames
+    for name, entry in cfg.benchmarks.items():
+        path, records, report = load_source(entry, remap, seed=cfg.seed)
         for problem in report.problems:
             print(f"warning: {name}: {problem}")
         cache = out_dir / "frames" / name
         try:
-            extract_all([qa.video for qa in records], cache, frames)
-            bench_store: FrameStore | None = FrameStore(cache)
-        except FrameError as exc:
-            print(f"warning: {name}: {exc}; every question of it counts as missing")
-            bench_store = None
-        out.append((name, records, bench_store, report.problems))
+            extract_records(records, cache, bench_frames)
+        except FrameError as exc:  # nothing decodable: a broken download, not a 0% benchmark
+            raise FrameError(f"{path}: {exc}") from exc
+        out.append((name, records, FrameStore(cache), report.problems))
     return out
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric metrics for the tracker: ``overall/accuracy``, ``<bench>/mIoU``, ``family/..``."""
+    """Numeric metrics for the tracker: ``overall/accuracy``, ``<bench>/mIoU``, ``family/..``.
+
+    Keys may carry names from the data; :func:`appo.tracking.metric_key` cleans them on logging.
+    """
     keys = ("accuracy", "sampled_accuracy", "reward", "mIoU", "perception_hit_rate", "n",
             "missing")
 
     def put(out: dict[str, float], prefix: str, stats: dict[str, Any]) -> None:
         for key in keys:
             if stats.get(key) is not None:
-                out[_METRIC_SAFE.sub("_", f"{prefix}/{key}")] = float(stats[key])
+                out[f"{prefix}/{key}"] = float(stats[key])
         lo, hi = stats.get("ci95") or (None, None)
         if lo is not None and hi is not None:
-            out[_METRIC_SAFE.sub("_", f"{prefix}/accuracy_ci_lo")] = float(lo)
-            out[_METRIC_SAFE.sub("_", f"{prefix}/accuracy_ci_hi")] = float(hi)
+            out[f"{prefix}/accuracy_ci_lo"] = float(lo)
+            out[f"{prefix}/accuracy_ci_hi"] = float(hi)
 
     flat: dict[str, float] = {}
     put(flat, "overall", metrics["overall"])
@@ -161,7 +168,7 @@ def run(
         bench_rows, report = evaluate(
             model, processor, records, store, batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens, benchmark_name=bench, missing=cfg.missing,
-            hit_rate_fn=hit_rate_fn, samples=cfg.samples)
+            hit_rate_fn=hit_rate_fn, samples=cfg.samples, protocol=PROTOCOLS[cfg.protocol])
         rows.extend(bench_rows)
         missing.extend(report["missing"])
         if report["missing"]:

@@ -1,13 +1,14 @@
-"""DVC stage ``frames``: decode every video of every split once (decord) into the frame cache."""
+"""DVC stage ``frames``: decode every video and image of every split once into the frame cache."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from appo.config import DataConfig, FramesConfig, load_section
 from appo.data.dataset import load_split, split_files
-from appo.data.frames import extract_all
+from appo.data.frames import extract_records
 from appo.stages import stage_main
 
 
@@ -15,10 +16,10 @@ def run(data: DataConfig, cfg: FramesConfig) -> int:
     if cfg.num_frames % 2 or cfg.max_frames % 2:
         raise ValueError("frames.num_frames and frames.max_frames must be even "
                          "(Qwen2.5-VL merges 2 frames per temporal patch)")
-    videos = [qa.video for path in split_files(data.out_dir) for qa in load_split(path)]
-    manifest = extract_all(videos, cfg.out_dir, cfg)
-    skipped = len(set(videos)) - len(manifest)
-    print(f"frames: cached {len(manifest)} videos in {cfg.out_dir}"
+    records = [qa for path in split_files(data.out_dir) for qa in load_split(path)]
+    manifest = extract_records(records, cfg.out_dir, cfg)
+    skipped = len(json.loads((Path(cfg.out_dir) / "skipped.json").read_text()))
+    print(f"frames: cached {len(manifest)} videos and images in {cfg.out_dir}"
           + (f", skipped {skipped} (see {Path(cfg.out_dir) / 'skipped.json'})" if skipped else ""))
     return len(manifest)
 

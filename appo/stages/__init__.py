@@ -14,9 +14,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from appo.config import ConfigError
     from appo.data.frames import FrameError
     from appo.data.schema import DataError
+    from appo.io import OutputLockedError
     from appo.models.loading import ModelError
 
-    return (ConfigError, DataError, FrameError, ModelError)
+    return (ConfigError, DataError, FrameError, ModelError, OutputLockedError)
 
 
 def stage_main(main: Callable[..., None]) -> Callable[..., None]:
@@ -34,6 +35,10 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
             main(argv)
         except user_errors() as exc:
             sys.exit(f"error: {exc}")
+        except KeyboardInterrupt:  # Ctrl-C: a sentence, not a traceback; 130 as shells report
+            print("error: interrupted; rerun the same command to continue from the last "
+                  "checkpoint", file=sys.stderr)
+            raise SystemExit(130) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
                 sys.exit(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror}")

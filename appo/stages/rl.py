@@ -15,8 +15,10 @@ whole groups, the main process alone writes checkpoints, the model and the metri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 from appo.config import DataConfig, FramesConfig, ModelConfig, RLConfig, load_section, load_yaml
 from appo.data.dataset import load_split, split_path
 from appo.data.frames import FrameStore
-from appo.io import atomic_write_json
+from appo.io import atomic_write_json, output_lock, remove_stale_temps
 from appo.models.loading import load_policy
 from appo.rl.trainer import RLTrainer
 from appo.stages import stage_main
@@ -85,9 +87,13 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
               "a crashed FSDP run restarts from the beginning")
     fingerprint = _fingerprint(cfg, algo_name, seed)
     start, run_id, elapsed = 0, None, 0.0
-    latest = common.latest_checkpoint(ckpt_root)
-    if latest is not None:
-        state = common.load_training_state(latest, model, optimizer, scheduler)
+    if main:
+        remove_stale_temps(ckpt_root)
+        remove_stale_temps(out)
+    found = common.latest_readable_checkpoint(ckpt_root)
+    if found is not None:
+        latest, loaded = found
+        state = common.load_training_state(latest, model, optimizer, scheduler, loaded=loaded)
         if state.get("fingerprint") != fingerprint:
             raise RuntimeError(f"{latest}: checkpoint of a different rl configuration; delete "
                                f"{ckpt_root} to start over")
@@ -95,8 +101,9 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
         trainer.sampler.position = state["sampler_position"]
         trainer.skips.load_state_dict(state["skips"])
         trainer.steps_done = start
-        truncate_metrics(out / "metrics.jsonl", start - 1)
         print(f"rl {algo_name}: resuming from {latest} (step {start})")
+    if main:  # rows after the checkpoint are redone; a fresh start (start 0) keeps none
+        truncate_metrics(out / "metrics.jsonl", start - 1)
 
     history: list[dict] = []
     t0 = time.perf_counter() - elapsed
@@ -155,13 +162,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="override rl.launch: none, ddp, fsdp, cpu-ddp or an accelerate config")
     args = parser.parse_args(argv)
     cfg = load_section(RLConfig, "rl", args.params)
-    code = dist.relaunch(args.launch or cfg.launch, cfg.num_processes, MODULE,
-                         sys.argv[1:] if argv is None else argv)
-    if code is not None:
-        if code:
-            raise SystemExit(code)
-        return
-    run(args.params, args.algo, args.steps)
+    cfg.algorithm(args.algo)  # an unknown preset fails before anything is created
+    # one run per output directory; a launch's parent holds the lock for its children
+    launched = bool(os.environ.get(dist.LAUNCHED_ENV))
+    with contextlib.nullcontext() if launched else output_lock(Path(cfg.out_dir) / args.algo):
+        code = dist.relaunch(args.launch or cfg.launch, cfg.num_processes, MODULE,
+                             sys.argv[1:] if argv is None else argv)
+        if code is not None:
+            if code:
+                raise SystemExit(code)
+            return
+        run(args.params, args.algo, args.steps)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -37,7 +36,7 @@ from appo.data.collate import append_targets, encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.prompts import target_text
 from appo.data.schema import VideoQA
-from appo.io import atomic_write_json
+from appo.io import atomic_write_json, remove_stale_temps
 from appo.tracking import open_run, truncate_metrics
 from appo.train import common
 
@@ -154,10 +153,12 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
     fingerprint = _fingerprint(cfg, str(resolve_checkpoint(start)), records, seed)
     steps = total_steps(cfg, len(records))
 
-    resume_from = common.latest_checkpoint(ckpt_root) if cfg.resume else None
+    remove_stale_temps(ckpt_root)
+    remove_stale_temps(out_dir)
+    found = common.latest_readable_checkpoint(ckpt_root) if cfg.resume else None
+    resume_from, loaded = found if found is not None else (None, None)
     if resume_from is not None:
-        saved = json.loads((resume_from / common.STATE_FILE).read_text())
-        if saved.get("fingerprint") != fingerprint:
+        if loaded["state"].get("fingerprint") != fingerprint:
             raise RuntimeError(
                 f"{resume_from}: this checkpoint was written with a different SFT configuration, "
                 f"start checkpoint or data; delete {ckpt_root} or set sft.resume: false")
@@ -188,7 +189,7 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
                              "run_id": None}
     if resume_from is not None:
         state = common.load_training_state(resume_from, accelerator.unwrap_model(model),
-                                           optimizer, scheduler)
+                                           optimizer, scheduler, loaded=loaded)
         print(f"sft: resuming from {resume_from} (step {state['step']}/{steps})")
     resumed_step = state["step"]
     skips = common.SkipCounter(cfg.max_bad_steps)

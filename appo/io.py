@@ -27,6 +27,26 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def write_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise a failed write as an ``OSError`` naming ``path``.
+
+    torch and safetensors report a full disk as their own exception types (or as an OSError
+    without a file name); the stages turn an ``OSError`` into one line, ``error: cannot write
+    <path>: No space left on device``, instead of a traceback.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    except Exception as exc:
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``."""
     path = Path(path)
@@ -35,7 +55,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with write_errors(path):
+            yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are shared files
@@ -147,7 +168,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     remove_stale_temps(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with write_errors(path):
+            yield tmp
         _follow_umask(tmp)
         if not path.exists():
             os.replace(tmp, path)

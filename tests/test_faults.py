@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,168 @@ def test_checkpoint_and_model_directories_follow_the_umask(tmp_path, tiny_policy
         assert path.stat().st_mode & 0o777 == 0o755, path
         for file in path.iterdir():
             assert file.stat().st_mode & 0o777 in (0o644, 0o755), file
+
+
+# --------------------------------------------------------------------------------------------
+# 7. every user-facing failure is one line, ``error: <what> (<key or path>)``, exit non-zero,
+# found before anything is loaded or written
+
+
+def _params_file(tmp_path: Path, base: Path, edit) -> Path:
+    import yaml
+
+    params = yaml.safe_load(base.read_text())
+    edit(params)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _one_line_error(stage: str, params: Path, *extra: str) -> str:
+    """Run a stage's main in-process; return its one-line error message."""
+    import importlib
+
+    main = importlib.import_module(f"appo.stages.{stage}").main
+    with pytest.raises(SystemExit) as info:
+        main(["--params", str(params), *extra])
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(("stage", "edit", "key"), [
+    ("rl", lambda p: p["rl"].update(lr=-1e-5), "(rl.lr)"),
+    ("rl", lambda p: p["rl"].update(temperature=0), "(rl.temperature)"),
+    ("rl", lambda p: p["rl"].update(top_p=0), "(rl.top_p)"),
+    ("rl", lambda p: p["rl"]["algorithms"]["grpo"].update(perception={"k_f": 0}),
+     "(rl.algorithms.grpo.perception.k_f)"),
+    ("rl", lambda p: p["rl"].update(max_prompt_tokens=0), "(rl.max_prompt_tokens)"),
+    ("rl", lambda p: p["rl"].update(long_prompts="truncate"), "(rl.long_prompts)"),
+    ("sft", lambda p: p["sft"].update(lr=-1.0), "(sft.lr)"),
+    ("data", lambda p: p["data"].update(source="bogus"), "(data.source)"),
+    ("frames", lambda p: p["frames"].update(num_frames=7), "(frames.num_frames)"),
+])
+def test_bad_value_is_one_line_naming_the_key(tmp_path, micro_params, stage, edit, key):
+    params = _params_file(tmp_path, micro_params("run"), edit)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    extra = ("--algo", "grpo") if stage == "rl" else ()
+    message = _one_line_error(stage, params, *extra)
+    assert message.endswith(key), message
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # nothing written
+
+
+def _broken_checkpoint(tmp_path: Path, tiny_checkpoint: Path, how: str) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    if how == "truncated weights":
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (ckpt / "processor_config.json").unlink()
+    return ckpt
+
+
+@pytest.mark.parametrize(("how", "what"), [("truncated weights", "model.safetensors: truncated"),
+                                           ("no processor", "no processor config")])
+def test_broken_model_directory_is_one_line(tmp_path, micro_params, tiny_checkpoint, how, what):
+    ckpt = _broken_checkpoint(tmp_path, tiny_checkpoint, how)
+    params = micro_params("run", init=str(ckpt))
+    message = _one_line_error("rl", params, "--algo", "grpo")
+    assert what in message and str(ckpt) in message, message
+
+
+def test_output_path_below_a_regular_file_is_one_line(tmp_path, micro_params):
+    (tmp_path / "afile").write_text("")
+    params = micro_params("run", out_dir=str(tmp_path / "afile" / "rl"))
+    message = _one_line_error("rl", params, "--algo", "grpo")
+    assert message.startswith(f"error: cannot write {tmp_path / 'afile'}"), message
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch"])
+def test_full_disk_during_rl_checkpoint_is_one_line_and_rerun_completes(
+        tmp_path, micro_params, monkeypatch, no_mlflow, writer):
+    import safetensors
+    import safetensors.torch
+
+    params = micro_params("run", steps=3, save_every=2)
+    ckpts = tmp_path / "run" / "rl" / "grpo" / "checkpoints"
+    if writer == "safetensors":  # what the Rust writer raises on ENOSPC
+        def full(*args, **kwargs):
+            raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, "
+                                              'kind: StorageFull, message: "No space left on '
+                                              'device" })')
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    else:
+        def full(obj, f, *args, **kwargs):  # torch writing to a Python file: a bare OSError
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as info:
+        _rl_main(params)
+    assert str(info.value.code) == f"error: cannot write {ckpts / 'step-2'}: No space left on device"
+    assert not ckpts.exists() or not list(ckpts.iterdir())  # nothing torn left visible or hidden
+    monkeypatch.undo()
+    monkeypatch.setenv("APPO_MLFLOW", "0")
+    _rl_main(params)
+    assert (tmp_path / "run" / "rl" / "grpo" / "model" / "model.safetensors").is_file()
+
+
+def test_full_disk_in_the_frames_stage_is_one_line(tmp_path, micro_params, monkeypatch):
+    import numpy as np
+
+    params = _params_file(tmp_path, micro_params("run"),
+                          lambda p: p["frames"].update(out_dir=str(tmp_path / "frames")))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    message = _one_line_error("frames", params)
+    assert message.startswith(f"error: cannot write {tmp_path / 'frames'}"), message
+    assert message.endswith("No space left on device"), message
+
+
+def test_ctrl_c_is_one_line_without_traceback(tmp_path, micro_params):
+    params = micro_params("run", steps=200)
+    metrics = tmp_path / "run" / "rl" / "grpo" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "appo.stages.rl", "--algo", "grpo",
+                             "--params", str(params)], env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text()) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err
+
+
+# --------------------------------------------------------------------------------------------
+# 8. rl.max_prompt_tokens: a very long question is dropped with a warning, or stops the run
+
+
+@pytest.mark.parametrize("action", ["drop", "error"])
+def test_overlong_prompt_is_dropped_or_fails(tmp_path, micro_params, synthetic_data, capsys,
+                                             no_mlflow, action):
+    from appo.stages import rl
+
+    data_dir = synthetic_data[0]
+    rows = json.loads((data_dir / "rl.json").read_text())
+    for row in rows:
+        row["path"] = str((data_dir / row["path"]).resolve())
+    rows[3]["problem"] = "Which colour flashed? " * 500  # ~10,000 characters
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rl.json").write_text(json.dumps(rows))
+    params = _params_file(tmp_path, micro_params("run", steps=1, long_prompts=action),
+                          lambda p: p["data"].update(out_dir=str(tmp_path / "data")))
+    if action == "error":
+        message = _one_line_error("rl", params, "--algo", "grpo")
+        assert message.startswith(f"error: question {rows[3]['problem_id']} has a "), message
+        assert message.endswith("over the limit of 1024 (rl.max_prompt_tokens)"), message
+        return
+    rl.main(["--algo", "grpo", "--params", str(params)])
+    err = capsys.readouterr().err
+    assert f"warning: dropped 1 of {len(rows)} rl questions" in err
+    assert rows[3]["problem_id"] in err
+

@@ -40,8 +40,10 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
                   "checkpoint", file=sys.stderr)
             raise SystemExit(130) from None
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
+            if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM,
+                             errno.ENOTDIR, errno.EEXIST):  # the last two: a file in the way
                 sys.exit(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror}")
             raise
 
     return wrapper
+

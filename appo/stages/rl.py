@@ -45,6 +45,30 @@ def _fingerprint(cfg: RLConfig, algo_name: str, seed: int) -> str:
     return common.config_fingerprint({"rl": knobs, "algo": algo_name, "seed": seed})
 
 
+def cap_prompts(records: list, processor, cfg: RLConfig) -> list:
+    """The records whose prompt fits ``rl.max_prompt_tokens``; ``rl.long_prompts`` says
+    whether a longer one is dropped (with one warning naming the longest) or stops the run.
+
+    Without a cap, one 10,000-character question makes every step that samples it ~200x
+    slower, silently.
+    """
+    from appo.data.collate import prompt_lengths
+    from appo.data.schema import DataError
+
+    lengths = prompt_lengths(processor, records)
+    long = [(n, qa.problem_id) for n, qa in zip(lengths, records) if n > cfg.max_prompt_tokens]
+    if not long:
+        return records
+    n, pid = max(long)
+    what = (f"question {pid} has a {n}-token prompt, over the limit of {cfg.max_prompt_tokens}"
+            " (rl.max_prompt_tokens)")
+    if cfg.long_prompts == "error" or len(long) == len(records):
+        raise DataError(what)
+    print(f"warning: dropped {len(long)} of {len(records)} rl questions with prompts over "
+          f"{cfg.max_prompt_tokens} tokens; longest: {what}", file=sys.stderr)
+    return [qa for qa, length in zip(records, lengths) if length <= cfg.max_prompt_tokens]
+
+
 def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -73,7 +97,7 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
                                         lora=lora)
     optimizer = common.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = common.build_scheduler(optimizer, cfg.warmup_steps, total_steps, min_lr_ratio=1.0)
-    records = load_split(split_path(data.out_dir, "rl"))
+    records = cap_prompts(load_split(split_path(data.out_dir, "rl")), processor, cfg)
     # device placement, bf16 autocast on CUDA, DDP/FSDP wrapping under a launch (the optimizer
     # and scheduler stay plain: one optimizer step per RL step on every process)
     policy = accelerator.prepare_model(model)

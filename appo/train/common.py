@@ -355,6 +355,13 @@ def config_fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file: a full disk is then an OSError (ENOSPC), not the
+    RuntimeError torch's own writer raises for any failed write."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_training_state(ckpt_dir: str | Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                         state: dict[str, Any] | None = None) -> Path:
@@ -365,10 +372,10 @@ def save_training_state(ckpt_dir: str | Path, model: torch.nn.Module,
         weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}
         save_file(weights, str(tmp / TRAINABLE_FILE))
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(capture_rng_state(), tmp / "rng.pt")
+            _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(capture_rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state or {}, indent=2, sort_keys=True) + "\n")
     return Path(ckpt_dir)
 

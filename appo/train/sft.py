@@ -91,23 +91,6 @@ def total_steps(cfg: SFTConfig, num_records: int) -> int:
     return max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
 
 
-def _validate(cfg: SFTConfig) -> None:
-    checks = [
-        (cfg.batch_size >= 1, "sft.batch_size must be >= 1"),
-        (cfg.grad_accum >= 1, "sft.grad_accum must be >= 1"),
-        (cfg.lr > 0, "sft.lr must be > 0"),
-        (cfg.max_steps > 0 or cfg.epochs > 0, "sft.epochs or sft.max_steps must be > 0"),
-        (cfg.warmup_steps >= 0, "sft.warmup_steps must be >= 0"),
-        (0.0 <= cfg.min_lr_ratio <= 1.0, "sft.min_lr_ratio must be in [0, 1]"),
-        (len(cfg.betas) == 2, "sft.betas must be two numbers [beta1, beta2]"),
-        (cfg.max_bad_steps >= 0, "sft.max_bad_steps must be >= 0"),
-        (cfg.save_every >= 0, "sft.save_every must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 def freeze_vision(cfg: SFTConfig, model: torch.nn.Module) -> bool:
     """``sft.freeze_vision`` resolved: ``auto`` trains the tower only of the embedded tiny model.
 
@@ -144,7 +127,6 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
 
     from appo.models.loading import load_policy, resolve_checkpoint
 
-    _validate(cfg)
     records = list(records)
     if not records:
         raise ValueError("the SFT split is empty")

@@ -32,6 +32,8 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
+            _check_params_owner()
+            _watch_runner()
             main(argv)
         except user_errors() as exc:
             sys.exit(f"error: {exc}")
@@ -47,3 +49,37 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
 
     return wrapper
 
+
+def _check_params_owner() -> None:
+    """Refuse to run on the overrides an interrupted ``python -m appo run --set`` left in
+    params.yaml (a plain ``dvc repro`` would otherwise use them silently)."""
+    from appo.cli import BACKUP, alive, override_runner
+    from appo.config import ConfigError
+
+    pid = override_runner()
+    if pid is not None and not (pid > 0 and alive(pid)):
+        raise ConfigError(f"params.yaml holds the overrides of a killed `python -m appo run`; "
+                          f"your own file is {BACKUP}: rerun `python -m appo run` (it puts it "
+                          "back) or move it back by hand", key="params.yaml")
+
+
+def _watch_runner() -> None:
+    """Exit when the ``python -m appo run`` that started this stage is gone: a killed runner
+    must not leave stages training on (every write is atomic, so stopping is safe)."""
+    import threading
+    import time
+
+    from appo.cli import RUNNER_ENV, alive
+
+    pid = os.environ.get(RUNNER_ENV, "")
+    if not pid.isdigit():
+        return
+
+    def watch() -> None:
+        while alive(int(pid)):
+            time.sleep(1.0)
+        print(f"error: the `python -m appo run` that started this stage (pid {pid}) is gone; "
+              "stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="appo-runner-watch", daemon=True).start()

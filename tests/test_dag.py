@@ -67,8 +67,62 @@ def test_rl_stage_lists_each_shared_rl_key_and_only_its_own_preset():
         body = stage.get("do", stage)
         if name != "rl":
             assert not [p for p in body.get("params", []) if str(p).startswith("rl")], name
-    metrics = [m for s in stages.values() for m in s.get("do", s).get("metrics", [])]
-    assert metrics and all(next(iter(m.values())) == {"cache": False} for m in metrics)
+
+
+def test_dvc_metrics_are_headline_files_in_git_and_outputs_are_cached():
+    """DVC's metrics are the small headline files under metrics/ (cache: false, not ignored by
+    git, so `dvc exp run` commits them); every output under the gitignored outputs/ is cached
+    (an uncached one is lost for good when a stage fails after DVC removed it)."""
+    stages = _dvc_yaml()["stages"]
+    metrics, outs = [], []
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        metrics += body.get("metrics", [])
+        outs += body.get("outs", []) + body.get("plots", [])
+    paths = [next(iter(m)) for m in metrics]
+    assert paths == ["metrics/sft.json", "metrics/rl/${item}.json", "metrics/eval/${key}.json"]
+    assert all(next(iter(m.values())) == {"cache": False} for m in metrics)
+    examples = [re.sub(r"\$\{(item|key)\}", "appo", p) for p in paths]
+    ignored = subprocess.run(["git", "check-ignore", *examples], cwd=ROOT, capture_output=True,
+                             text=True, check=False).stdout.split()
+    assert ignored == []
+    assert all(isinstance(o, str) for o in outs), [o for o in outs if not isinstance(o, str)]
+
+
+def test_dvc_metrics_show_fits_160_columns(tmp_path):
+    """`dvc metrics show` over every stage's headline file: one row per file, fixed keys."""
+    from appo.headline import rebuild
+
+    families = {f"family_{i}": {"accuracy": 0.5} for i in range(12)}  # not in the headline
+    for name in ("base", "sft", *ALGORITHMS):
+        out = tmp_path / "outputs" / "eval" / name
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"overall": {
+            "accuracy": 0.44140625, "ci95": [0.40234375, 0.48046875],
+            "perception_hit_rate": 0.3828125}, "by_family": families}))
+    for algo in ALGORITHMS:
+        out = tmp_path / "outputs" / "rl" / algo
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({
+            "final_reward": 0.51234567, "final_accuracy": 0.4123, "train_time_s": 1812.31,
+            "steps": 640}))
+    (tmp_path / "outputs" / "sft").mkdir()
+    (tmp_path / "outputs" / "sft" / "metrics.json").write_text(json.dumps({
+        "final_loss": 1.234567, "train_time_s": 812.3}))
+    env = _env(tmp_path)
+    _run(["git", "init", "-q"], tmp_path, env)
+    _dvc(tmp_path, env, "init", "-q")
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        written = rebuild()
+    assert len(written) == 2 + 2 * len(ALGORITHMS) + 1
+    assert json.loads((tmp_path / "metrics" / "eval" / "appo.json").read_text()) == {
+        "accuracy": 0.4414, "ci_hi": 0.4805, "ci_lo": 0.4023, "hit_rate": 0.3828}
+    table = _dvc(tmp_path, env, "metrics", "show").splitlines()
+    assert len(table) == 1 + len(written)
+    assert max(len(line) for line in table) <= 160, "\n".join(table)
 
 
 def test_every_preset_is_trained_evaluated_and_reported():
@@ -218,7 +272,7 @@ def micro(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("appo", "flows"):
         shutil.copytree(ROOT / name, repo / name, ignore=ignore)
-    for name in ("dvc.yaml", "pyproject.toml"):
+    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):  # outputs/ ignored as in the project
         shutil.copy2(ROOT / name, repo / name)
     params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -233,7 +287,7 @@ def micro(tmp_path_factory):
                     "PYTHONPATH", "DVC_NO_ANALYTICS"):
             mp.setenv(key, env[key])
         mp.delenv("APPO_PARENT_RUN_ID", raising=False)
-        with prefect_test_harness():
+        with prefect_test_harness(server_startup_timeout=180):  # slow on a busy machine
             results = pipeline(project_dir=str(repo))
     return SimpleNamespace(repo=repo, env=env, tmp=tmp, results=results,
                            params_text=params_text)
@@ -356,7 +410,22 @@ def test_dvc_exp_metrics_plots_and_a_two_seed_experiment(micro):
     assert _ran(out) <= {"rl@appo", "eval@appo", "report"} and "rl@appo" in _ran(out)
     metrics = json.loads(_dvc(repo, env, "metrics", "show", "--json"))
     flat = json.dumps(metrics)
-    assert "outputs/eval/appo/metrics.json" in flat and "outputs/rl/tgrpo/metrics.json" in flat
+    assert "metrics/eval/appo.json" in flat and "metrics/rl/tgrpo.json" in flat
+    # the experiment's commit carries its headline metrics: both rows have them, not "!"
+    from io import StringIO
+
+    import pandas as pd
+
+    table = pd.read_csv(StringIO(_dvc(repo, env, "exp", "show", "--csv")))
+    rows = table[table["typ"].isin(["baseline", "branch_base", "branch_commit"])
+                 & (table["rev"] != "workspace")]
+    assert len(rows) == 2, table[["rev", "typ"]]
+    for column in ("metrics/eval/appo.json:accuracy", "metrics/rl/appo.json:reward",
+                   "metrics/eval/sft.json:accuracy"):
+        assert rows[column].notna().all() and (rows[column] != "!").all(), column
+    md = _dvc(repo, env, "exp", "show", "--md", "--only-changed", "--no-pager")
+    assert "metrics/eval/appo.json:accuracy" in md or "metrics/rl/appo.json:reward" in md
+    assert max(len(line) for line in md.splitlines()) <= 400, md
     _dvc(repo, env, "plots", "show", "-o", str(micro.tmp / "plots"))
     assert (micro.tmp / "plots" / "index.html").is_file()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from appo.config import DataConfig, FramesConfig, ModelConfig, RLConfig, load_section, load_yaml
 from appo.data.dataset import load_split, split_path
 from appo.data.frames import FrameStore
+from appo.headline import write_headline
 from appo.io import atomic_write_json
 from appo.models.loading import load_policy
 from appo.rl.trainer import RLTrainer
@@ -43,7 +44,10 @@ def _fingerprint(cfg: RLConfig, algo_name: str, seed: int) -> str:
     return common.config_fingerprint({"rl": knobs, "algo": algo_name, "seed": seed})
 
 
-def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True) -> dict:
+def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True,
+        headline: str | None = None) -> dict:
+    """Train ``algo_name``; ``headline``: also write the headline metrics there
+    (:mod:`appo.headline`)."""
     from tqdm import tqdm
 
     cfg = load_section(RLConfig, "rl", params)
@@ -139,6 +143,7 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
             "num_processes": accelerator.num_processes,
         }
         atomic_write_json(out / "metrics.json", summary)
+        write_headline(headline, "rl", summary)
         log.log_metrics({f"final/{k}": v for k, v in summary.items()
                          if isinstance(v, (int, float))}, total_steps)
         log.log_artifact(out / "metrics.json")
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override rl.steps")
     parser.add_argument("--launch", default=None,
                         help="override rl.launch: none, ddp, fsdp, cpu-ddp or an accelerate config")
+    parser.add_argument("--headline", default=None,
+                        help="also write the headline metrics (DVC's metrics file) here")
     args = parser.parse_args(argv)
     cfg = load_section(RLConfig, "rl", args.params)
     code = dist.relaunch(args.launch or cfg.launch, cfg.num_processes, MODULE,
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
-    run(args.params, args.algo, args.steps)
+    run(args.params, args.algo, args.steps, headline=args.headline)
 
 
 if __name__ == "__main__":

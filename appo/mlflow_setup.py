@@ -20,6 +20,9 @@ from pathlib import Path
 EXPERIMENT = "appo"
 PARENT_ENV = "APPO_PARENT_RUN_ID"  # set by the parent run, read by the stages' RunLoggers
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow itself writes for a nested run
+# MLflow 3's UI opens an experiment without this tag in GenAI mode (traces, prompts); this
+# project trains models, so its experiments open on runs, metrics and the compare view.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def enabled() -> bool:
@@ -39,7 +42,9 @@ def configure(experiment: str | None = None) -> str:
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment or os.environ.get("APPO_EXPERIMENT", EXPERIMENT))
+    exp = mlflow.set_experiment(experiment or os.environ.get("APPO_EXPERIMENT", EXPERIMENT))
+    if exp.tags.get(KIND_TAG) != KIND:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
     return uri
 
 

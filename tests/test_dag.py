@@ -45,7 +45,7 @@ ALGORITHMS = ("grpo", "dapo", "appo", "appo-random", "tgrpo")  # the DAG's rl@ i
 PRESETS_OUTSIDE_DAG = {"appo-uniform"}  # presets run by hand / in experiment files only
 ALL_STAGES = {"data", "frames", "init_model", "sft", "eval@base", "eval@sft", "report",
               *(f"rl@{a}" for a in ALGORITHMS), *(f"eval@{a}" for a in ALGORITHMS)}
-LOGGING_STAGES = ALL_STAGES - {"data", "frames", "init_model"}  # those with an MLflow run
+LOGGING_STAGES = ALL_STAGES  # every stage logs an MLflow run
 
 
 def _dvc_yaml() -> dict:
@@ -170,6 +170,18 @@ def test_params_installed_applies_overrides_and_restores(tmp_path):
     assert (tmp_path / "params.yaml").read_text() == original
     with pytest.raises(ValueError, match="dotted.key=value"):
         apply_overrides({}, ["rl.steps"])
+
+
+def test_mlflow_experiment_opens_on_model_training(tmp_path, monkeypatch):
+    """MLflow 3 opens an experiment without a kind in GenAI mode; ours is model training."""
+    import mlflow
+
+    from appo.mlflow_setup import configure
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    configure("kind-test")
+    tags = mlflow.get_experiment_by_name("kind-test").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_report_marks_differences_inside_and_outside_the_ci(tmp_path, monkeypatch):
@@ -382,6 +394,13 @@ def test_mlflow_parent_child_runs_and_compare(micro):
     artifacts = {a.path for a in client.list_artifacts(by_stage["report"]["run_id"])}
     assert {"report.md", "summary.json", "reward_curves.png", "final_accuracy.png"} <= artifacts
     assert "metrics.json" in {a.path for a in client.list_artifacts(by_stage["eval@sft"]["run_id"])}
+    # the report's comparison is a table artifact, not per-variant metrics crowding the charts
+    assert {"comparison.json", "differences.json"} <= artifacts
+    assert not [c for c in runs.columns if c.startswith("metrics.")
+                and runs.loc[by_stage["report"].name, c] == runs.loc[by_stage["report"].name, c]]
+    assert by_stage["data"]["metrics.questions/test"] == 8
+    assert client.get_experiment_by_name("appo").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     assert "report.md" in {a.path for a in client.list_artifacts(parent["run_id"])}
 
     table = _run([sys.executable, "-m", "appo", "compare"], micro.repo, micro.env, True)

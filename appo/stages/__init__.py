@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -40,3 +41,17 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
             raise
 
     return wrapper
+
+
+def log_stage_run(stage: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """One MLflow run for a stage without training curves (data, frames, init_model), so that
+    every stage of a pipeline run shows up under its parent with its params and tags.
+
+    MLflow only: these stages' output folders are DVC outputs, and a log file inside them would
+    change their hash and rerun everything downstream.
+    """
+    from appo.tracking import RunLogger
+
+    with RunLogger(None, stage, tags={"stage": stage}) as logger:
+        logger.log_params(params)
+        logger.log_metrics(metrics, step=0)

@@ -13,7 +13,9 @@
   prints), ``reward_curves.csv`` / ``train_accuracy_curves.csv`` / ``final_accuracy.csv``
   (``dvc plots``).
 
-All of it is also logged as MLflow artifacts of a ``report`` run (:class:`RunLogger`).
+All of it is also logged as MLflow artifacts of a ``report`` run (:class:`RunLogger`), the
+comparison and the differences as MLflow tables (no per-variant metrics: the stages' own runs
+hold those, and the report's would crowd every chart of the experiment).
 """
 
 from __future__ import annotations
@@ -430,9 +432,11 @@ def run(outputs: str | Path = "outputs", out_dir: str | Path = "outputs/report")
 
     with RunLogger(out, "report", tags={"stage": "report"}) as logger:
         logger.log_params({"outputs": str(outputs), "variants": ",".join(res.variants)})
-        flat = {f"{v}/{k}": float(x) for v, entry in summ.items() if v != "differences"
-                for k, x in entry.items() if isinstance(x, (int, float))}
-        logger.log_metrics(flat, step=0)
+        logger.log_table(rows, "comparison.json")  # a table: per-variant metrics crowd charts
+        logger.log_table([{"a": d["a"], "b": d["b"], "group": d["group"], "diff": d["diff"],
+                           "ci_lo": d["ci95"][0], "ci_hi": d["ci95"][1],
+                           "p_value": d["p_value"], "inside_ci": d["inside_ci"]}
+                          for d in diffs], "differences.json")
         for name in ("report.md", "summary.json", "comparison.csv", "final_accuracy.csv",
                      *(f"{n}.csv" for n in CURVES.values()), "reward_curves.png",
                      "accuracy_curves.png", "final_accuracy.png", "perception_hit_rate.png"):

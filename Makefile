@@ -9,6 +9,9 @@ export TOKENIZERS_PARALLELISM := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# Prefect state (server database, settings) per checkout, not the global ~/.prefect: a second
+# checkout's `make ui` must not attach to the first one's server and deployment.
+export PREFECT_HOME := $(CURDIR)/.prefect
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
@@ -34,8 +37,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check appo flows tests benchmarks
 
-# Prefect UI on 127.0.0.1 plus the pipeline deployment (trigger runs with parameters there).
+# Prefect UI on 127.0.0.1 plus the pipeline deployment (trigger runs with parameters there);
+# refuses a port in use before printing anything.
 ui: setup
+	@$(PY) -m flows.serve --check-port $(PREFECT_PORT)
 	@$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
 	trap 'kill $$server' EXIT INT TERM; \
 	echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployment appo-pipeline/appo-pipeline)"; \

@@ -33,13 +33,30 @@ def wait_for_api(url: str, timeout: float) -> None:
         time.sleep(1)
 
 
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Exit with a clear message when ``host:port`` is taken, before anything else is printed:
+    otherwise a second ``make ui`` prints its banner, then fails to bind and silently attaches
+    its deployment to the other checkout's server."""
+    import socket
+
+    with socket.socket() as sock:
+        if sock.connect_ex((host, port)) == 0:
+            raise SystemExit(f"port {port} on {host} is in use (another `make ui`?); "
+                             f"choose another: make ui PREFECT_PORT={port + 1}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="appo-pipeline", help="deployment name")
     parser.add_argument("--wait", type=float, default=0,
                         help="seconds to wait for the Prefect API to come up first")
+    parser.add_argument("--check-port", type=int, default=None, metavar="PORT",
+                        help="only check that PORT on 127.0.0.1 is free (exit 1 if not)")
     args = parser.parse_args(argv)
+    if args.check_port is not None:
+        check_port_free(args.check_port)
+        return
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         raise SystemExit("set PREFECT_API_URL to a running Prefect server (make ui does)")

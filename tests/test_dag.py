@@ -461,3 +461,27 @@ def test_dvc_exp_metrics_plots_and_a_two_seed_experiment(micro):
     for seed in (0, 1):
         assert (repo / "outputs" / "experiments" / "micro" / "main" / f"seed-{seed}" / "grpo"
                 / "eval_metrics.json").is_file()
+
+
+def test_make_ui_keeps_prefect_state_in_the_checkout_and_checks_the_port_first(tmp_path):
+    """Two checkouts' `make ui` must not share ~/.prefect; a port in use fails before the
+    "Prefect UI: ..." banner, with the way out."""
+    import socket
+
+    from flows.serve import check_port_free
+
+    dry = subprocess.run(["make", "-n", "-p", "ui", f"VENV={Path(sys.executable).parent.parent}"],
+                         cwd=ROOT, capture_output=True, text=True, check=False).stdout
+    assert f"PREFECT_HOME := {ROOT}/.prefect" in dry
+    lines = dry.splitlines()
+    check = next(i for i, line in enumerate(lines) if "--check-port" in line)
+    banner = next(i for i, line in enumerate(lines) if 'echo "Prefect UI:' in line)
+    assert check < banner
+    assert subprocess.run(["git", "check-ignore", "-q", ".prefect/"], cwd=ROOT).returncode == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port {port} .* in use.*PREFECT_PORT={port + 1}"):
+            check_port_free(port)
+    check_port_free(port)  # closed again: free

@@ -184,6 +184,52 @@ def test_mlflow_experiment_opens_on_model_training(tmp_path, monkeypatch):
     assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_dvc_experiment_runs_nest_under_an_experiment_parent(tmp_path, monkeypatch):
+    """Under `dvc exp run` (DVC_EXP_NAME) the stage runs nest under one parent per experiment
+    and carry the experiment's name and the params fingerprint."""
+    import mlflow
+
+    from appo.mlflow_setup import PARENT_ENV, params_fingerprint
+    from appo.tracking import RunLogger
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\nrl: {steps: 3}\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("APPO_MLFLOW", "1")
+    monkeypatch.setenv("DVC_EXP_NAME", "warm-hats")
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    for name in ("rl-appo", "eval-appo"):
+        with RunLogger(tmp_path / name, name, tags={"algorithm": "appo"}) as log:
+            log.log_metrics({"x": 1.0}, step=0)
+    runs = mlflow.search_runs(experiment_names=["appo"])
+    parent = runs[runs["tags.dvc_stage"] == "experiment"]
+    assert len(parent) == 1 and parent.iloc[0]["tags.dvc_exp"] == "warm-hats"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
+    assert sorted(children["tags.mlflow.runName"]) == ["eval-appo", "rl-appo"]
+    assert (children["tags.dvc_exp"] == "warm-hats").all()
+    assert (children["tags.config"] == params_fingerprint()).all()
+    assert params_fingerprint() != "-"
+
+
+def test_compare_and_report_say_where_each_row_comes_from(tmp_path, monkeypatch):
+    from appo.cli import compare
+    from appo.stages.report import load_results, render_markdown
+
+    monkeypatch.setenv("APPO_MLFLOW", "0")
+    for name, exp in (("sft", "-"), ("appo", "warm-hats")):
+        out = tmp_path / "eval" / name
+        out.mkdir(parents=True)
+        stats = {"n": 8, "accuracy": 0.5, "ci95": [0.2, 0.8]}
+        (out / "metrics.json").write_text(json.dumps({
+            "overall": stats, "benchmarks": {"test": stats}, "by_family": {},
+            "provenance": {"dvc_exp": exp, "config": f"cfg-{name}"}}))
+    lines = compare(from_files=True, outputs=str(tmp_path)).splitlines()
+    assert lines[0].split()[:3] == ["variant", "exp", "config"]
+    assert lines[2].split()[:3] == ["appo", "warm-hats", "cfg-appo"]
+    report = render_markdown(load_results(tmp_path), [])
+    assert "Mixed sources" in report and "appo: exp warm-hats, params cfg-appo" in report
+
+
 def test_report_marks_differences_inside_and_outside_the_ci(tmp_path, monkeypatch):
     from appo.stages.report import load_results, run
 

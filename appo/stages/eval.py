@@ -11,7 +11,8 @@ or the entry's own roots), whose videos and images are extracted into
 
 * ``predictions.jsonl``: one scored row per question (see :func:`appo.eval.runner.evaluate`);
 * ``metrics.json``: ``{"checkpoint", "name", "overall", "benchmarks", "by_family",
-  "by_problem_type", "missing", "missing_policy", "settings"}``;
+  "by_problem_type", "missing", "missing_policy", "settings", "provenance"}`` (provenance: the
+  DVC experiment and params fingerprint, :func:`appo.mlflow_setup.provenance`);
 * ``metrics.md``: the same as markdown tables;
 * with ``--headline PATH``: accuracy, CI and hit rate there (:mod:`appo.headline`).
 """
@@ -42,6 +43,7 @@ from appo.eval.protocol import PROTOCOLS
 from appo.eval.runner import MISSING_POLICIES, HitRateFn, evaluate
 from appo.headline import write_headline
 from appo.io import atomic_write_json, atomic_write_text
+from appo.mlflow_setup import provenance
 from appo.stages import stage_main
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -187,6 +189,7 @@ def run(
         "missing": missing,
         "missing_policy": cfg.missing,
         "settings": dataclasses.asdict(cfg),
+        "provenance": provenance(),
     }
     atomic_write_text(out / "predictions.jsonl",
                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

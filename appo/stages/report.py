@@ -96,7 +96,9 @@ def comparison_rows(res: Results) -> list[dict[str, Any]]:
     rows = []
     for variant in res.variants:
         m = res.evals.get(variant, {})
-        row: dict[str, Any] = {"variant": variant}
+        source = m.get("provenance") or res.rl.get(variant, {}).get("provenance") or {}
+        row: dict[str, Any] = {"variant": variant, "exp": source.get("dvc_exp"),
+                               "config": source.get("config")}
         for bench in res.benchmarks:
             stats = m.get("benchmarks", {}).get(bench, {})
             lo, hi = stats.get("ci95") or (None, None)
@@ -196,6 +198,11 @@ def render_markdown(res: Results, diffs: list[dict[str, Any]]) -> str:
 
     lines += ["## Final accuracy per benchmark", ""]
     rows = comparison_rows(res)
+    sources = {(r["exp"], r["config"]) for r in rows}
+    if len(sources) > 1:  # e.g. after `dvc exp run -S ...` reran only some variants
+        lines += ["**Mixed sources**: the variants come from different DVC experiments or "
+                  "params: " + "; ".join(f"{r['variant']}: exp {r['exp'] or '-'}, params "
+                                        f"{r['config'] or '-'}" for r in rows) + ".", ""]
     sampled = any(row["sampled_accuracy"] is not None for row in rows)
     head = ["variant", *[f"{b} (n={_first_n(res, b)})" for b in res.benchmarks],
             *(["sampled acc % (T=1)"] if sampled else []),
@@ -276,7 +283,8 @@ def summary(res: Results, diffs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for row in comparison_rows(res):
         v = row.pop("variant")
-        entry = {k: x for k, x in row.items() if x is not None and not k.startswith("n/")}
+        entry = {k: x for k, x in row.items() if x is not None and not k.startswith("n/")
+                 and k not in ("exp", "config")}
         overall = res.evals.get(v, {}).get("overall", {})
         if overall.get("accuracy") is not None:
             entry["accuracy"] = overall["accuracy"]

@@ -26,6 +26,7 @@ from appo.data.dataset import load_split, split_path
 from appo.data.frames import FrameStore
 from appo.headline import write_headline
 from appo.io import atomic_write_json
+from appo.mlflow_setup import provenance
 from appo.models.loading import load_policy
 from appo.rl.trainer import RLTrainer
 from appo.stages import stage_main
@@ -141,6 +142,7 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
             "final_accuracy": sum(m["accuracy"] for m in tail) / len(tail),
             "skipped_steps": trainer.skips.total,
             "num_processes": accelerator.num_processes,
+            "provenance": provenance(),
         }
         atomic_write_json(out / "metrics.json", summary)
         write_headline(headline, "rl", summary)

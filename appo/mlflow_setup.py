@@ -211,3 +211,13 @@ def parent_run(run_name: str = "pipeline", tags: dict[str, str] | None = None,
             os.environ.pop(PARENT_ENV, None)
         else:
             os.environ[PARENT_ENV] = previous
+
+
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI (``make mlflow-ui``; ``APPO_MLFLOW_UI`` names another
+    address), for links from other tools such as Prefect."""
+    import mlflow
+
+    base = os.environ.get("APPO_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"

@@ -230,6 +230,22 @@ def test_compare_and_report_say_where_each_row_comes_from(tmp_path, monkeypatch)
     assert "Mixed sources" in report and "appo: exp warm-hats, params cfg-appo" in report
 
 
+def test_prefect_task_log_drops_dvcs_git_hints(tmp_path):
+    """`dvc repro` ends each stage with ~5 lines of git advice; the task log keeps the rest."""
+    from flows.pipeline import is_git_hint
+
+    env = _env(tmp_path)
+    _run(["git", "init", "-q"], tmp_path, env)
+    _dvc(tmp_path, env, "init", "-q")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n"
+                                       "    outs: [out.txt]\n")
+    lines = [line for line in _dvc(tmp_path, env, "repro").splitlines() if line.strip()]
+    kept = [line for line in lines if not is_git_hint(line)]
+    assert any("git add" in line for line in lines)  # DVC does give the advice
+    assert not [line for line in kept if "git add" in line or "autostage" in line], kept
+    assert "Running stage 'hello':" in kept
+
+
 def test_report_marks_differences_inside_and_outside_the_ci(tmp_path, monkeypatch):
     from appo.stages.report import load_results, run
 
@@ -347,8 +363,12 @@ def micro(tmp_path_factory):
         mp.delenv("APPO_PARENT_RUN_ID", raising=False)
         with prefect_test_harness(server_startup_timeout=180):  # slow on a busy machine
             results = pipeline(project_dir=str(repo))
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                artifacts = client.read_artifacts()
     return SimpleNamespace(repo=repo, env=env, tmp=tmp, results=results,
-                           params_text=params_text)
+                           params_text=params_text, artifacts=artifacts)
 
 
 def _mlflow_runs(micro):
@@ -371,6 +391,9 @@ def test_prefect_flow_ran_every_stage_in_dag_order(micro):
              "eval@base", "eval@sft", *(f"eval@{a}" for a in ALGORITHMS), "report"]
     assert list(micro.results) == order
     assert set(micro.results.values()) == {"ran"}
+    (artifact,) = [a for a in micro.artifacts if a.key == "appo-comparison"]
+    assert "variant" in artifact.data and "MLflow parent run: [" in artifact.data
+    assert "/#/experiments/" in artifact.data
     assert (repo / "params.yaml").read_text() == micro.params_text  # no overrides: untouched
     assert plan(["grpo"], repo) == ["data", "frames", "init_model", "sft", "rl@grpo",
                                     "eval@base", "eval@sft", "eval@grpo", "report"]

@@ -12,6 +12,8 @@ export DO_NOT_TRACK := 1
 # Prefect state (server database, settings) per checkout, not the global ~/.prefect: a second
 # checkout's `make ui` must not attach to the first one's server and deployment.
 export PREFECT_HOME := $(CURDIR)/.prefect
+# An ephemeral Prefect server (make run without make ui) needs more than 20 s on a busy CPU.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
@@ -25,11 +27,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[pipeline,lora,dev]'
 	touch $(STAMP)
 
-# The whole DAG via `dvc repro` (only what changed reruns) under one MLflow parent run, then
-# the comparison of the algorithm variants.
+# The whole DAG as the Prefect flow (flows/pipeline.py: one task per DVC stage, only what
+# changed reruns) under one MLflow parent run, ending with the comparison of the variants.
+# Shown live in `make ui` when its server is up; otherwise an ephemeral server records the
+# run in .prefect/, where `make ui` shows it later.
 run: setup
-	$(PY) -m appo run
-	$(PY) -m appo compare --from-files
+	@url=$$($(PY) -m flows.serve --api-url $(PREFECT_PORT)); \
+	if [ -n "$$url" ]; then echo "Prefect UI: $${url%/api}"; export PREFECT_API_URL=$$url; fi; \
+	$(PY) -m flows.pipeline
 
 test: setup
 	$(PY) -m pytest

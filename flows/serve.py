@@ -18,16 +18,29 @@ import urllib.request
 from flows.pipeline import pipeline
 
 
+def api_up(url: str) -> bool:
+    """The Prefect API at ``url`` answers its health check."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def local_api(port: int) -> str | None:
+    """This checkout's ``make ui`` server on 127.0.0.1:``port`` if it is up, else None: then
+    ``make run`` shows in that UI; without one Prefect starts an ephemeral server whose runs
+    land in the same ``.prefect/`` database, which a later ``make ui`` shows."""
+    url = f"http://127.0.0.1:{port}/api"
+    return url if api_up(url) else None
+
+
 def wait_for_api(url: str, timeout: float) -> None:
     """Poll ``<api>/health`` until the Prefect server answers (it takes a few seconds)."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
+        if api_up(url):
+            return
         if time.monotonic() > deadline:
             raise SystemExit(f"no Prefect server answered at {url} within {timeout:.0f}s")
         time.sleep(1)
@@ -53,9 +66,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds to wait for the Prefect API to come up first")
     parser.add_argument("--check-port", type=int, default=None, metavar="PORT",
                         help="only check that PORT on 127.0.0.1 is free (exit 1 if not)")
+    parser.add_argument("--api-url", type=int, default=None, metavar="PORT",
+                        help="only print the API URL of a Prefect server up on PORT (or nothing)")
     args = parser.parse_args(argv)
     if args.check_port is not None:
         check_port_free(args.check_port)
+        return
+    if args.api_url is not None:
+        print(local_api(args.api_url) or "")
         return
     api = os.environ.get("PREFECT_API_URL")
     if not api:

@@ -554,3 +554,33 @@ def test_make_ui_keeps_prefect_state_in_the_checkout_and_checks_the_port_first(t
         with pytest.raises(SystemExit, match=f"port {port} .* in use.*PREFECT_PORT={port + 1}"):
             check_port_free(port)
     check_port_free(port)  # closed again: free
+
+
+def test_make_run_is_the_prefect_flow_on_the_local_ui_server_when_up():
+    """`make run` runs flows.pipeline, pointed at this checkout's `make ui` server if it is up."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from flows.serve import local_api
+
+    dry = subprocess.run(["make", "-n", "run", f"VENV={Path(sys.executable).parent.parent}"],
+                         cwd=ROOT, capture_output=True, text=True, check=False).stdout
+    assert "-m flows.pipeline" in dry and "-m appo run" not in dry
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert local_api(port) == f"http://127.0.0.1:{port}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert local_api(port) is None

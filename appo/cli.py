@@ -25,6 +25,8 @@ STAGES = ("data", "frames", "init_model", "sft")
 SECTIONS = {"data": "DataConfig", "frames": "FramesConfig", "model": "ModelConfig",
             "sft": "SFTConfig", "rl": "RLConfig", "eval": "EvalConfig"}
 BACKUP = ".params.yaml.orig"  # the user's params.yaml while a run's effective params replace it
+RUNNER_ENV = "APPO_RUNNER_PID"  # set for dvc and the stages: the `appo run` they die with
+_HEADER = "# effective params of `python -m appo run` pid {pid}; your own file is " + BACKUP
 
 
 def run_stage(name: str, params: str) -> None:
@@ -47,7 +49,32 @@ def stage_env() -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("TQDM_MININTERVAL", "5")
+    env[RUNNER_ENV] = str(os.getpid())
     return env
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "\nState:\tZ" in status.read_text())
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of dvc: the kernel sends it SIGTERM when this process dies (Linux), so a
+    killed ``appo run`` leaves no orphaned ``dvc repro``; the stages watch the runner pid."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def dvc_command(*args: str) -> list[str]:
@@ -112,13 +139,16 @@ def params_installed(project: str | Path = ".", params_file: str | Path = "param
     DVC reads ``<project>/params.yaml``. With a different file or overrides, a validated
     temporary copy replaces it for the run and the original comes back afterwards (the outputs
     and dvc.lock then record the run's values, and ``dvc status`` shows the difference);
-    ``keep=True`` leaves the effective params in place (comments are not preserved).
+    ``keep=True`` leaves the effective params in place (comments are not preserved). The
+    installed file names this process in its first line: if it is killed before restoring,
+    stages refuse the file and the next call restores the user's (:func:`restore_params`).
     """
     from appo.config import load_yaml
     from appo.io import atomic_write_text
 
     project = Path(project).resolve()
     target = project / "params.yaml"
+    restore_params(project)
     source = Path(params_file) if Path(params_file).is_absolute() else project / params_file
     if source.resolve() == target.resolve() and not overrides:
         yield target
@@ -128,13 +158,11 @@ def params_installed(project: str | Path = ".", params_file: str | Path = "param
     params = apply_overrides(load_yaml(source), overrides)
     validate_params(params)
     backup = project / BACKUP
-    if backup.exists():
-        raise RuntimeError(f"{backup} exists: an earlier run with overrides was interrupted; "
-                           f"move it back to {target} (or delete it) first")
     if target.exists():
         os.replace(target, backup)
     try:
-        atomic_write_text(target, yaml.safe_dump(params, sort_keys=False))
+        header = _HEADER.format(pid=os.getpid())
+        atomic_write_text(target, f"{header}\n{yaml.safe_dump(params, sort_keys=False)}")
         yield target
     finally:
         if backup.exists():
@@ -142,6 +170,33 @@ def params_installed(project: str | Path = ".", params_file: str | Path = "param
                 backup.unlink()
             else:
                 os.replace(backup, target)
+
+
+def override_runner(project: str | Path = ".") -> int | None:
+    """The pid of the ``appo run`` whose effective params are installed in ``project``
+    (None when params.yaml is the user's own file)."""
+    project = Path(project)
+    if not (project / BACKUP).exists() or not (project / "params.yaml").is_file():
+        return None
+    with open(project / "params.yaml") as f:
+        first = f.readline()
+    prefix = _HEADER.split("{pid}")[0]
+    pid = first[len(prefix):].split(";")[0] if first.startswith(prefix) else ""
+    return int(pid) if pid.isdigit() else -1
+
+
+def restore_params(project: str | Path = ".") -> None:
+    """Put the user's params.yaml back when the run that installed overrides was killed
+    before it could (SIGKILL, closed terminal); refuse while that run is still going."""
+    project = Path(project)
+    pid = override_runner(project)
+    if pid is None:
+        return
+    if pid > 0 and alive(pid):
+        raise RuntimeError(f"another `python -m appo run` (pid {pid}) is running with "
+                           f"overrides in {project}; wait for it to finish")
+    os.replace(project / BACKUP, project / "params.yaml")
+    print(f"restored your params.yaml (the run that had replaced it, pid {pid}, was killed)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +218,7 @@ def run_pipeline(targets: Sequence[str] = (), *, force: bool = False, project: s
                                "params_file": params_file,
                                "overrides": " ".join(overrides) or "-"},
                        artifacts=["outputs/report/report.md", "outputs/report/summary.json"]):
-        proc = subprocess.run(cmd, env=stage_env(), check=False)
+        proc = subprocess.run(cmd, env=stage_env(), check=False, preexec_fn=die_with_parent)
         if proc.returncode:
             raise SystemExit(f"error: dvc repro failed (exit {proc.returncode})")
 

@@ -18,7 +18,22 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """params.yaml is malformed: the message names the dotted key and what was expected."""
+    """params.yaml is malformed: the message names the dotted key and what was expected.
+
+    With ``key`` the message reads ``<what> (<key>)``; a key raised inside a section's
+    ``__post_init__`` is relative to that section, and :func:`from_dict` prefixes the section's
+    dotted path once (``lr`` -> ``rl.lr``), so each rule names its field only.
+    """
+
+    def __init__(self, what: str, key: str | None = None, qualified: bool = False) -> None:
+        super().__init__(f"{what} ({key})" if key else what)
+        self.what, self.key, self.qualified = what, key, qualified
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """One validation rule: ``value`` of field ``key`` must be ``rule`` (a phrase)."""
+    if not ok:
+        raise ConfigError(f"{value!r} is not {rule}", key=key)
 
 
 @dataclass
@@ -83,6 +98,10 @@ class DataConfig:
     image_root: str | None = None
     strip_prefix: str | None = None
 
+    def __post_init__(self) -> None:
+        _require(self.source in ("synthetic", "files"), "source", self.source,
+                 "one of synthetic, files")
+
 
 @dataclass
 class FramesConfig:
@@ -94,6 +113,13 @@ class FramesConfig:
     max_frames: int = 16
     max_pixels: int = 56 * 56  # per-frame pixel budget; frames are resized to fit
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "max_frames"):  # Qwen2.5-VL merges 2 frames per patch
+            value = getattr(self, name)
+            _require(value >= 2 and value % 2 == 0, name, value, "an even number >= 2")
+        _require(self.fps is None or self.fps > 0, "fps", self.fps, "> 0 (or null)")
+        _require(self.max_pixels >= 1, "max_pixels", self.max_pixels, ">= 1")
 
 
 @dataclass
@@ -141,7 +167,10 @@ def _check_dataclass(cls: type, raw: Any, where: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if where and not str(exc).startswith(where):
+        if exc.key is not None and not exc.qualified:
+            key = f"{where}.{exc.key}" if where else exc.key
+            raise ConfigError(exc.what, key=key, qualified=True) from None
+        if exc.key is None and where and not str(exc).startswith(where):
             raise ConfigError(f"{where}: {exc}") from exc
         raise
 
@@ -266,6 +295,9 @@ class PerceptionConfig:
             raise ConfigError(f"'K' must be >= 1, got {self.K}")
         if self.K_fraction is not None and not 0 < self.K_fraction <= 1:
             raise ConfigError(f"'K_fraction' must be in (0, 1], got {self.K_fraction}")
+        for name in ("k_avg", "k_f", "query_chunk"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _require(0 <= self.tau <= 1, "tau", self.tau, "in [0, 1]")
 
     def tokens_per_frame(self, max_new_tokens: int) -> int:
         """The effective K: ``max(1, round(K_fraction * max_new_tokens))`` when ``K_fraction``
@@ -332,6 +364,10 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"'{name}' is {value!r}; expected one of {', '.join(allowed)}")
 
 
+#: What the RL stage does with a question whose prompt is over ``rl.max_prompt_tokens``.
+LONG_PROMPTS = ("drop", "error")
+
+
 @dataclass
 class RLConfig:
     """Shared RL knobs: every algorithm sees the same data order, batch, G, lr and steps."""
@@ -344,6 +380,10 @@ class RLConfig:
     groups_per_micro_batch: int = 2  # gradient accumulation over whole groups
     num_iterations: int = 1  # mu: policy updates per rollout batch
     max_new_tokens: int = 40
+    # text tokens of a prompt (system prompt, question, options, instruction; video tokens not
+    # counted): one very long question makes its whole step many times slower
+    max_prompt_tokens: int = 1024
+    long_prompts: str = "drop"  # drop (with a warning naming them) | error (stop, naming one)
     temperature: float = 1.0
     top_p: float = 1.0
     rollout_cache: str = "auto"  # auto (static + compiled decoding on CUDA) | static | dynamic
@@ -372,14 +412,20 @@ class RLConfig:
             raise ConfigError(f"'rl.num_generations' is {self.num_generations}; GRPO-family "
                               "advantages need a group of at least 2")
         for name in ("steps", "prompts_per_step", "groups_per_micro_batch", "num_iterations",
-                     "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"'rl.{name}' must be >= 1")
+                     "max_new_tokens", "max_prompt_tokens"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ConfigError(f"'rl.mixed_precision' is {self.mixed_precision!r}; expected "
                               "auto, no or bf16")
         if self.num_processes < 0:
             raise ConfigError("'rl.num_processes' must be >= 0 (0 = the launch config's value)")
+        _require(self.temperature > 0, "temperature", self.temperature,
+                 "> 0 (sampling needs a positive temperature)")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _require(self.long_prompts in LONG_PROMPTS, "long_prompts", self.long_prompts,
+                 f"one of {', '.join(LONG_PROMPTS)}")
+        for name in ("lr", "weight_decay", "warmup_steps", "save_every", "max_bad_steps"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
 
     def algorithm(self, name: str) -> AlgorithmConfig:
         if name not in self.algorithms:
@@ -454,3 +500,12 @@ class SFTConfig:
         if not isinstance(self.freeze_vision, bool) and self.freeze_vision != "auto":
             raise ConfigError(f"'sft.freeze_vision' is {self.freeze_vision!r}; expected true, "
                               "false or auto")
+        for name in ("batch_size", "grad_accum"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("warmup_steps", "max_bad_steps", "save_every", "weight_decay"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _require(self.lr > 0, "lr", self.lr, "> 0")
+        _require(self.max_steps > 0 or self.epochs > 0, "epochs", self.epochs,
+                 "> 0 (or set max_steps > 0)")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(len(self.betas) == 2, "betas", self.betas, "two numbers [beta1, beta2]")

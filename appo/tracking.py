@@ -157,12 +157,30 @@ class NullLogger:
         pass
 
 
+def _rows(text: str) -> list[tuple[str, dict[str, float]]]:
+    """(line, row) pairs of a metrics.jsonl text, skipping lines that do not parse.
+
+    A full disk or a kill can leave a torn last line (and the next run appends right after
+    it); such a line is not a metric, and refusing the whole file would make the run
+    unresumable without hand-editing.
+    """
+    pairs = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            pairs.append((line, row))
+    return pairs
+
+
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a metrics.jsonl file (for reports and tests)."""
+    """Rows of a metrics.jsonl file (for reports and tests); torn lines are skipped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _rows(path.read_text())]
 
 
 def open_run(out_dir: str | Path, run_name: str, *, run_id: str | None = None,
@@ -180,13 +198,16 @@ def open_run(out_dir: str | Path, run_name: str, *, run_id: str | None = None,
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop metric rows a crashed run logged after its last checkpoint (they are redone)."""
+    """Drop metric rows a crashed run logged after its last checkpoint (they are redone),
+    and any torn line a kill or a full disk left; ``last_step < 0`` empties the file (a
+    fresh start must not append to an earlier attempt's rows)."""
     from appo.io import atomic_write_text
 
     path = Path(path)
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    text = path.read_text()
+    kept = [line for line, row in _rows(text) if row.get("step", 0) <= last_step]
+    new = "".join(line + "\n" for line in kept)
+    if new != text:
+        atomic_write_text(path, new)

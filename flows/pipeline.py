@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from appo.cli import dvc_command, params_installed, stage_env, working_dir
+from appo.cli import die_with_parent, dvc_command, params_installed, stage_env, working_dir
 
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
              "Connection reset", "Cannot allocate memory", "Killed")
@@ -99,7 +99,7 @@ def run_stage(stage: str, force: bool = False) -> str:
     tail: deque[str] = deque(maxlen=200)
     status = "up to date"
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=stage_env(), bufsize=1) as proc:
+                          env=stage_env(), bufsize=1, preexec_fn=die_with_parent) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()

@@ -31,6 +31,12 @@ def prompt_texts(processor, records: Sequence[VideoQA]) -> list[str]:
     ]
 
 
+def prompt_lengths(processor, records: Sequence[VideoQA]) -> list[int]:
+    """Text tokens of each record's prompt (the media placeholders count one token each)."""
+    texts = prompt_texts(processor, records)
+    return [len(ids) for ids in processor.tokenizer(texts)["input_ids"]]
+
+
 def encode_prompts(processor, records: Sequence[VideoQA], store: FrameStore,
                    shuffle_seed: int | None = None) -> dict:
     """Left-padded prompt ids + visual inputs for a batch of questions.

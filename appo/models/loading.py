@@ -27,6 +27,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return Path(path)
 
 
+#: A Qwen2/2.5-VL processor needs one of these (older transformers wrote the first).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def check_checkpoint(path: str | Path) -> dict:
     """Validate ``path`` as a Qwen2/2.5-VL checkpoint directory; returns its config dict."""
     path = resolve_checkpoint(path)
@@ -49,7 +53,33 @@ def check_checkpoint(path: str | Path) -> dict:
         raise ModelError(f"{path}: no weight files (*.safetensors or *.bin)")
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         raise ModelError(f"{path}: no tokenizer files (tokenizer.json or vocab.json)")
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise ModelError(f"{path}: no processor config ({' or '.join(PROCESSOR_FILES)}); copy "
+                         "it from the checkpoint the model was fine-tuned from")
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors(weights)
     return config
+
+
+def _check_safetensors(path: Path) -> None:
+    """A truncated or corrupt ``.safetensors`` file is a :class:`ModelError` naming it.
+
+    Reads only the header (its length, its JSON and the end of the last tensor), so a
+    copy cut short is reported before transformers fails deep inside loading.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if 8 + n + end > size:
+        raise ModelError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end})")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -15,9 +15,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from appo.config import ConfigError
     from appo.data.frames import FrameError
     from appo.data.schema import DataError
+    from appo.io import OutputLockedError
     from appo.models.loading import ModelError
 
-    return (ConfigError, DataError, FrameError, ModelError)
+    return (ConfigError, DataError, FrameError, ModelError, OutputLockedError)
 
 
 def stage_main(main: Callable[..., None]) -> Callable[..., None]:
@@ -32,15 +33,57 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
+            _check_params_owner()
+            _watch_runner()
             main(argv)
         except user_errors() as exc:
             sys.exit(f"error: {exc}")
+        except KeyboardInterrupt:  # Ctrl-C: a sentence, not a traceback; 130 as shells report
+            print("error: interrupted; rerun the same command to continue from the last "
+                  "checkpoint", file=sys.stderr)
+            raise SystemExit(130) from None
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
+            if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM,
+                             errno.ENOTDIR, errno.EEXIST):  # the last two: a file in the way
                 sys.exit(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror}")
             raise
 
     return wrapper
+
+
+def _check_params_owner() -> None:
+    """Refuse to run on the overrides an interrupted ``python -m appo run --set`` left in
+    params.yaml (a plain ``dvc repro`` would otherwise use them silently)."""
+    from appo.cli import BACKUP, alive, override_runner
+    from appo.config import ConfigError
+
+    pid = override_runner()
+    if pid is not None and not (pid > 0 and alive(pid)):
+        raise ConfigError(f"params.yaml holds the overrides of a killed `python -m appo run`; "
+                          f"your own file is {BACKUP}: rerun `python -m appo run` (it puts it "
+                          "back) or move it back by hand", key="params.yaml")
+
+
+def _watch_runner() -> None:
+    """Exit when the ``python -m appo run`` that started this stage is gone: a killed runner
+    must not leave stages training on (every write is atomic, so stopping is safe)."""
+    import threading
+    import time
+
+    from appo.cli import RUNNER_ENV, alive
+
+    pid = os.environ.get(RUNNER_ENV, "")
+    if not pid.isdigit():
+        return
+
+    def watch() -> None:
+        while alive(int(pid)):
+            time.sleep(1.0)
+        print(f"error: the `python -m appo run` that started this stage (pid {pid}) is gone; "
+              "stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="appo-runner-watch", daemon=True).start()
 
 
 def log_stage_run(stage: str, params: dict[str, Any], metrics: dict[str, float]) -> None:

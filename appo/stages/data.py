@@ -40,8 +40,8 @@ def run(cfg: DataConfig, seed: int = 0) -> dict[str, int]:
                 rows.append(row)
             atomic_write_text(out / f"{split}.json", json.dumps(rows, indent=1))
             counts[split] = len(records)
-    else:
-        raise ValueError(f"data.source must be 'synthetic' or 'files', got {cfg.source!r}")
+    else:  # DataConfig rejects any other source when params are loaded
+        raise AssertionError(cfg.source)
     atomic_write_json(out / "summary.json", counts)
     return counts
 

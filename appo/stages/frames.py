@@ -14,9 +14,6 @@ from appo.stages import log_stage_run, stage_main
 
 
 def run(data: DataConfig, cfg: FramesConfig) -> int:
-    if cfg.num_frames % 2 or cfg.max_frames % 2:
-        raise ValueError("frames.num_frames and frames.max_frames must be even "
-                         "(Qwen2.5-VL merges 2 frames per temporal patch)")
     records = [qa for path in split_files(data.out_dir) for qa in load_split(path)]
     manifest = extract_records(records, cfg.out_dir, cfg)
     skipped = len(json.loads((Path(cfg.out_dir) / "skipped.json").read_text()))

@@ -15,8 +15,10 @@ whole groups, the main process alone writes checkpoints, the model and the metri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from appo.config import DataConfig, FramesConfig, ModelConfig, RLConfig, load_se
 from appo.data.dataset import load_split, split_path
 from appo.data.frames import FrameStore
 from appo.headline import write_headline
-from appo.io import atomic_write_json
+from appo.io import atomic_write_json, output_lock, remove_stale_temps
 from appo.mlflow_setup import provenance
 from appo.models.loading import load_policy
 from appo.rl.trainer import RLTrainer
@@ -43,6 +45,30 @@ def _fingerprint(cfg: RLConfig, algo_name: str, seed: int) -> str:
     knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE}
     knobs["algorithms"] = {algo_name: knobs["algorithms"][algo_name]}
     return common.config_fingerprint({"rl": knobs, "algo": algo_name, "seed": seed})
+
+
+def cap_prompts(records: list, processor, cfg: RLConfig) -> list:
+    """The records whose prompt fits ``rl.max_prompt_tokens``; ``rl.long_prompts`` says
+    whether a longer one is dropped (with one warning naming the longest) or stops the run.
+
+    Without a cap, one 10,000-character question makes every step that samples it ~200x
+    slower, silently.
+    """
+    from appo.data.collate import prompt_lengths
+    from appo.data.schema import DataError
+
+    lengths = prompt_lengths(processor, records)
+    long = [(n, qa.problem_id) for n, qa in zip(lengths, records) if n > cfg.max_prompt_tokens]
+    if not long:
+        return records
+    n, pid = max(long)
+    what = (f"question {pid} has a {n}-token prompt, over the limit of {cfg.max_prompt_tokens}"
+            " (rl.max_prompt_tokens)")
+    if cfg.long_prompts == "error" or len(long) == len(records):
+        raise DataError(what)
+    print(f"warning: dropped {len(long)} of {len(records)} rl questions with prompts over "
+          f"{cfg.max_prompt_tokens} tokens; longest: {what}", file=sys.stderr)
+    return [qa for qa, length in zip(records, lengths) if length <= cfg.max_prompt_tokens]
 
 
 def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True,
@@ -76,7 +102,7 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
                                         lora=lora)
     optimizer = common.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = common.build_scheduler(optimizer, cfg.warmup_steps, total_steps, min_lr_ratio=1.0)
-    records = load_split(split_path(data.out_dir, "rl"))
+    records = cap_prompts(load_split(split_path(data.out_dir, "rl")), processor, cfg)
     # device placement, bf16 autocast on CUDA, DDP/FSDP wrapping under a launch (the optimizer
     # and scheduler stay plain: one optimizer step per RL step on every process)
     policy = accelerator.prepare_model(model)
@@ -90,9 +116,13 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
               "a crashed FSDP run restarts from the beginning")
     fingerprint = _fingerprint(cfg, algo_name, seed)
     start, run_id, elapsed = 0, None, 0.0
-    latest = common.latest_checkpoint(ckpt_root)
-    if latest is not None:
-        state = common.load_training_state(latest, model, optimizer, scheduler)
+    if main:
+        remove_stale_temps(ckpt_root)
+        remove_stale_temps(out)
+    found = common.latest_readable_checkpoint(ckpt_root)
+    if found is not None:
+        latest, loaded = found
+        state = common.load_training_state(latest, model, optimizer, scheduler, loaded=loaded)
         if state.get("fingerprint") != fingerprint:
             raise RuntimeError(f"{latest}: checkpoint of a different rl configuration; delete "
                                f"{ckpt_root} to start over")
@@ -100,8 +130,9 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
         trainer.sampler.position = state["sampler_position"]
         trainer.skips.load_state_dict(state["skips"])
         trainer.steps_done = start
-        truncate_metrics(out / "metrics.jsonl", start - 1)
         print(f"rl {algo_name}: resuming from {latest} (step {start})")
+    if main:  # rows after the checkpoint are redone; a fresh start (start 0) keeps none
+        truncate_metrics(out / "metrics.jsonl", start - 1)
 
     history: list[dict] = []
     t0 = time.perf_counter() - elapsed
@@ -165,13 +196,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="also write the headline metrics (DVC's metrics file) here")
     args = parser.parse_args(argv)
     cfg = load_section(RLConfig, "rl", args.params)
-    code = dist.relaunch(args.launch or cfg.launch, cfg.num_processes, MODULE,
-                         sys.argv[1:] if argv is None else argv)
-    if code is not None:
-        if code:
-            raise SystemExit(code)
-        return
-    run(args.params, args.algo, args.steps, headline=args.headline)
+    cfg.algorithm(args.algo)  # an unknown preset fails before anything is created
+    # one run per output directory; a launch's parent holds the lock for its children
+    launched = bool(os.environ.get(dist.LAUNCHED_ENV))
+    with contextlib.nullcontext() if launched else output_lock(Path(cfg.out_dir) / args.algo):
+        code = dist.relaunch(args.launch or cfg.launch, cfg.num_processes, MODULE,
+                             sys.argv[1:] if argv is None else argv)
+        if code is not None:
+            if code:
+                raise SystemExit(code)
+            return
+        run(args.params, args.algo, args.steps, headline=args.headline)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 
 from appo.config import DataConfig, FramesConfig, ModelConfig, SFTConfig, load_section, load_yaml
 from appo.headline import write_headline
+from appo.io import output_lock
 from appo.stages import stage_main
 
 
@@ -50,9 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_section(SFTConfig, "sft", args.params)
     seed = cfg.seed if cfg.seed is not None else int(load_yaml(args.params).get("seed", 0))
-    run(load_section(DataConfig, "data", args.params),
-        load_section(FramesConfig, "frames", args.params),
-        load_section(ModelConfig, "model", args.params), cfg, seed, headline=args.headline)
+    data = load_section(DataConfig, "data", args.params)
+    frames = load_section(FramesConfig, "frames", args.params)
+    model = load_section(ModelConfig, "model", args.params)
+    with output_lock(cfg.out_dir):  # one run per output directory
+        run(data, frames, model, cfg, seed, headline=args.headline)
 
 
 if __name__ == "__main__":

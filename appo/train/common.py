@@ -21,6 +21,7 @@ import math
 import random
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from appo.io import atomic_dir
 
 __all__ = [
     "LORA_TARGETS",
+    "CheckpointError",
     "SkipCounter",
     "apply_lora",
     "build_optimizer",
@@ -46,12 +48,14 @@ __all__ = [
     "freeze_vision_tower",
     "is_lora",
     "latest_checkpoint",
+    "latest_readable_checkpoint",
     "list_checkpoints",
     "load_training_state",
     "lr_factor",
     "make_accelerator",
     "prepare_for_training",
     "prune_checkpoints",
+    "read_training_state",
     "resolve_mixed_precision",
     "restore_rng_state",
     "save_training_state",
@@ -351,6 +355,13 @@ def config_fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file: a full disk is then an OSError (ENOSPC), not the
+    RuntimeError torch's own writer raises for any failed write."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_training_state(ckpt_dir: str | Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                         state: dict[str, Any] | None = None) -> Path:
@@ -361,26 +372,65 @@ def save_training_state(ckpt_dir: str | Path, model: torch.nn.Module,
         weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}
         save_file(weights, str(tmp / TRAINABLE_FILE))
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(capture_rng_state(), tmp / "rng.pt")
+            _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(capture_rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state or {}, indent=2, sort_keys=True) + "\n")
     return Path(ckpt_dir)
 
 
-def load_training_state(ckpt_dir: str | Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                        restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint from :func:`save_training_state` into live objects; returns its state.
+class CheckpointError(RuntimeError):
+    """A checkpoint's files cannot be read (truncated or corrupt): resume from an older one."""
 
-    The model must be prepared exactly as when saving (same frozen parts, same LoRA wrapping):
-    a missing or extra trainable tensor is an error naming it.
+
+def read_training_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Every file of a :func:`save_training_state` checkpoint, read into memory.
+
+    Reading all files before applying any of them means a torn checkpoint is noticed before
+    the live model or optimizer is touched; any read failure is a :class:`CheckpointError`
+    naming the file.
     """
     from safetensors.torch import load_file
 
     ckpt_dir = Path(ckpt_dir)
-    weights = load_file(str(ckpt_dir / TRAINABLE_FILE))
+    readers = {
+        "weights": (TRAINABLE_FILE, lambda p: load_file(str(p))),
+        "optimizer": ("optimizer.pt", lambda p: torch.load(p, weights_only=True)),
+        "scheduler": ("scheduler.pt", lambda p: torch.load(p, weights_only=True)),
+        "rng": ("rng.pt", lambda p: torch.load(p, weights_only=True)),
+        "state": (STATE_FILE, lambda p: json.loads(p.read_text())),
+    }
+    loaded: dict[str, Any] = {}
+    for key, (name, read) in readers.items():
+        path = ckpt_dir / name
+        if not path.exists() and key in ("optimizer", "scheduler"):
+            continue  # saved without one (optional in save_training_state)
+        try:
+            loaded[key] = read(path)
+        except Exception as exc:  # safetensors, torch's zip reader and json raise their own
+            raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'truncated'})"
+                                  ) from exc
+    if not isinstance(loaded["state"], dict):
+        raise CheckpointError(f"{ckpt_dir / STATE_FILE}: not a JSON object")
+    return loaded
+
+
+def load_training_state(ckpt_dir: str | Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                        restore_rng: bool = True, loaded: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """Load a checkpoint from :func:`save_training_state` into live objects; returns its state.
+
+    ``loaded`` is the checkpoint as :func:`read_training_state` (or
+    :func:`latest_readable_checkpoint`) already read it. The model must be prepared exactly as
+    when saving (same frozen parts, same LoRA wrapping): a missing or extra trainable tensor is
+    an error naming it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    loaded = read_training_state(ckpt_dir) if loaded is None else loaded
+    weights = loaded["weights"]
     params = dict(trainable_parameters(model))
     missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or extra:
@@ -391,12 +441,27 @@ def load_training_state(ckpt_dir: str | Path, model: torch.nn.Module,
         for name, p in params.items():
             p.copy_(weights[name].to(p.device, p.dtype))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(loaded["scheduler"])
     if restore_rng:
-        restore_rng_state(torch.load(ckpt_dir / "rng.pt", weights_only=True))
-    return json.loads((ckpt_dir / STATE_FILE).read_text())
+        restore_rng_state(loaded["rng"])
+    return loaded["state"]
+
+
+def latest_readable_checkpoint(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under ``root`` whose files all read, with its contents.
+
+    A checkpoint torn outside the atomic write (a full disk on a later sync, a truncated copy)
+    is skipped with a warning naming the file, so the rerun continues from the previous
+    complete one instead of stopping with a traceback. None when no checkpoint reads.
+    """
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            return path, read_training_state(path)
+        except CheckpointError as exc:
+            print(f"warning: {exc}; falling back to the previous checkpoint", file=sys.stderr)
+    return None
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -37,7 +36,7 @@ from appo.data.collate import append_targets, encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.prompts import target_text
 from appo.data.schema import VideoQA
-from appo.io import atomic_write_json
+from appo.io import atomic_write_json, remove_stale_temps
 from appo.tracking import open_run, truncate_metrics
 from appo.train import common
 
@@ -92,23 +91,6 @@ def total_steps(cfg: SFTConfig, num_records: int) -> int:
     return max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
 
 
-def _validate(cfg: SFTConfig) -> None:
-    checks = [
-        (cfg.batch_size >= 1, "sft.batch_size must be >= 1"),
-        (cfg.grad_accum >= 1, "sft.grad_accum must be >= 1"),
-        (cfg.lr > 0, "sft.lr must be > 0"),
-        (cfg.max_steps > 0 or cfg.epochs > 0, "sft.epochs or sft.max_steps must be > 0"),
-        (cfg.warmup_steps >= 0, "sft.warmup_steps must be >= 0"),
-        (0.0 <= cfg.min_lr_ratio <= 1.0, "sft.min_lr_ratio must be in [0, 1]"),
-        (len(cfg.betas) == 2, "sft.betas must be two numbers [beta1, beta2]"),
-        (cfg.max_bad_steps >= 0, "sft.max_bad_steps must be >= 0"),
-        (cfg.save_every >= 0, "sft.save_every must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 def freeze_vision(cfg: SFTConfig, model: torch.nn.Module) -> bool:
     """``sft.freeze_vision`` resolved: ``auto`` trains the tower only of the embedded tiny model.
 
@@ -145,7 +127,6 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
 
     from appo.models.loading import load_policy, resolve_checkpoint
 
-    _validate(cfg)
     records = list(records)
     if not records:
         raise ValueError("the SFT split is empty")
@@ -154,10 +135,12 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
     fingerprint = _fingerprint(cfg, str(resolve_checkpoint(start)), records, seed)
     steps = total_steps(cfg, len(records))
 
-    resume_from = common.latest_checkpoint(ckpt_root) if cfg.resume else None
+    remove_stale_temps(ckpt_root)
+    remove_stale_temps(out_dir)
+    found = common.latest_readable_checkpoint(ckpt_root) if cfg.resume else None
+    resume_from, loaded = found if found is not None else (None, None)
     if resume_from is not None:
-        saved = json.loads((resume_from / common.STATE_FILE).read_text())
-        if saved.get("fingerprint") != fingerprint:
+        if loaded["state"].get("fingerprint") != fingerprint:
             raise RuntimeError(
                 f"{resume_from}: this checkpoint was written with a different SFT configuration, "
                 f"start checkpoint or data; delete {ckpt_root} or set sft.resume: false")
@@ -188,7 +171,7 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
                              "run_id": None}
     if resume_from is not None:
         state = common.load_training_state(resume_from, accelerator.unwrap_model(model),
-                                           optimizer, scheduler)
+                                           optimizer, scheduler, loaded=loaded)
         print(f"sft: resuming from {resume_from} (step {state['step']}/{steps})")
     resumed_step = state["step"]
     skips = common.SkipCounter(cfg.max_bad_steps)

@@ -11,7 +11,7 @@ and ``overrides`` (``dotted.key=value``, applied to a validated temporary copy t
 for params.yaml during the run, see :func:`appo.cli.params_installed`), ``force``,
 ``keep_params``. A transient failure (killed process, lock or database contention) is retried.
 
-    python -m flows.pipeline                                  # local, no server needed
+    python -m flows.pipeline                                  # make run; no server needed
     python -m flows.pipeline --algorithms grpo appo --set rl.steps=10
     python -m flows.serve                                     # deployment for the UI (make ui)
 """

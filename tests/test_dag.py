@@ -361,7 +361,7 @@ def micro(tmp_path_factory):
                     "PYTHONPATH", "DVC_NO_ANALYTICS"):
             mp.setenv(key, env[key])
         mp.delenv("APPO_PARENT_RUN_ID", raising=False)
-        with prefect_test_harness(server_startup_timeout=180):  # slow on a busy machine
+        with prefect_test_harness(server_startup_timeout=600):  # slow on a busy machine
             results = pipeline(project_dir=str(repo))
             from prefect.client.orchestration import get_client
 

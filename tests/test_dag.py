@@ -494,7 +494,7 @@ def test_dvc_exp_metrics_plots_and_a_two_seed_experiment(micro):
                 "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"})
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "micro"], repo, env)
-    out = _dvc(repo, env, "exp", "run", "-S", "rl.algorithms.appo.perception.k_f=1")
+    out = _dvc(repo, env, "exp", "run", "-S", "rl.algorithms.appo.perception.k_f=2")  # default 1
     assert _ran(out) <= {"rl@appo", "eval@appo", "report"} and "rl@appo" in _ran(out)
     metrics = json.loads(_dvc(repo, env, "metrics", "show", "--json"))
     flat = json.dumps(metrics)

@@ -9,6 +9,11 @@ export TOKENIZERS_PARALLELISM := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# Prefect state (server database, settings) per checkout, not the global ~/.prefect: a second
+# checkout's `make ui` must not attach to the first one's server and deployment.
+export PREFECT_HOME := $(CURDIR)/.prefect
+# An ephemeral Prefect server (make run without make ui) needs more than 20 s on a busy CPU.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
@@ -22,11 +27,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[pipeline,lora,dev]'
 	touch $(STAMP)
 
-# The whole DAG via `dvc repro` (only what changed reruns) under one MLflow parent run, then
-# the comparison of the algorithm variants.
+# The whole DAG as the Prefect flow (flows/pipeline.py: one task per DVC stage, only what
+# changed reruns) under one MLflow parent run, ending with the comparison of the variants.
+# Shown live in `make ui` when its server is up; otherwise an ephemeral server records the
+# run in .prefect/, where `make ui` shows it later.
 run: setup
-	$(PY) -m appo run
-	$(PY) -m appo compare --from-files
+	@url=$$($(PY) -m flows.serve --api-url $(PREFECT_PORT)); \
+	if [ -n "$$url" ]; then echo "Prefect UI: $${url%/api}"; export PREFECT_API_URL=$$url; fi; \
+	$(PY) -m flows.pipeline
 
 test: setup
 	$(PY) -m pytest
@@ -34,8 +42,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check appo flows tests benchmarks
 
-# Prefect UI on 127.0.0.1 plus the pipeline deployment (trigger runs with parameters there).
+# Prefect UI on 127.0.0.1 plus the pipeline deployment (trigger runs with parameters there);
+# refuses a port in use before printing anything.
 ui: setup
+	@$(PY) -m flows.serve --check-port $(PREFECT_PORT)
 	@$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
 	trap 'kill $$server' EXIT INT TERM; \
 	echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployment appo-pipeline/appo-pipeline)"; \

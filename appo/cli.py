@@ -286,6 +286,10 @@ def compare_from_mlflow(experiment: str | None = None, all_runs: bool = False):
     for _, r in runs.iterrows():
         row = rows.setdefault((r["pipeline"], r["variant"]),
                               {"pipeline": r["pipeline"], "variant": r["variant"]})
+        for key in ("exp", "config"):  # where the row comes from (the eval run's, newest first)
+            tag = r.get(f"tags.{'dvc_exp' if key == 'exp' else key}")
+            if isinstance(tag, str) and not row.get(key):
+                row[key] = tag
         if r["kind"] == "eval":
             for b in benches:
                 row[f"acc/{b}"] = r.get(f"metrics.bench/{b}/accuracy")
@@ -328,6 +332,9 @@ def format_table(df) -> str:
         out["pipeline"] = df["pipeline"].map(lambda p: p[:8] if isinstance(p, str) else p)
     if "variant" in df:
         out["variant"] = df["variant"]
+    for col in ("exp", "config"):  # which DVC experiment and params each row comes from
+        if col in df:
+            out[col] = df[col].fillna("-")
     for col in df.columns:
         if col.startswith("acc/"):
             b = col[4:]

@@ -20,6 +20,10 @@ from pathlib import Path
 EXPERIMENT = "appo"
 PARENT_ENV = "APPO_PARENT_RUN_ID"  # set by the parent run, read by the stages' RunLoggers
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow itself writes for a nested run
+EXP_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for the stage commands it runs
+# MLflow 3's UI opens an experiment without this tag in GenAI mode (traces, prompts); this
+# project trains models, so its experiments open on runs, metrics and the compare view.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def enabled() -> bool:
@@ -39,7 +43,9 @@ def configure(experiment: str | None = None) -> str:
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment or os.environ.get("APPO_EXPERIMENT", EXPERIMENT))
+    exp = mlflow.set_experiment(experiment or os.environ.get("APPO_EXPERIMENT", EXPERIMENT))
+    if exp.tags.get(KIND_TAG) != KIND:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
     return uri
 
 
@@ -94,12 +100,56 @@ def _params() -> dict[str, object]:
     return out
 
 
+def params_fingerprint(path: str | Path | None = None) -> str:
+    """sha256 (first 8 hex) of the parsed params file ("-" if unreadable): two results with
+    different fingerprints come from different configurations (comments do not count)."""
+    path = Path(path or os.environ.get("APPO_PARAMS", "params.yaml"))
+    try:
+        import json
+
+        import yaml
+
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, ImportError):
+        return "-"
+    text = json.dumps(raw, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def provenance() -> dict[str, str]:
+    """Where a result comes from: the DVC experiment (``dvc exp run`` names each one in
+    ``DVC_EXP_NAME``; "-" outside one) and the params fingerprint. Stored with every result
+    (MLflow tags, the stages' metrics.json) so tables never mix configurations silently."""
+    return {"dvc_exp": os.environ.get(EXP_ENV) or "-", "config": params_fingerprint()}
+
+
+def experiment_parent(name: str) -> str:
+    """The MLflow run grouping DVC experiment ``name``'s stage runs (found by its tags, else
+    created, already finished), so a ``dvc exp run`` nests like a pipeline run does instead of
+    leaving its runs at top level. Assumes :func:`configure` ran."""
+    import mlflow
+
+    query = f"tags.dvc_exp = '{name}' and tags.dvc_stage = 'experiment'"
+    found = mlflow.search_runs(filter_string=query, max_results=1, output_format="list")
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("APPO_EXPERIMENT", EXPERIMENT))
+    run = client.create_run(experiment.experiment_id, run_name=f"exp {name}", tags={
+        "git_commit": git_commit(), "dvc_stage": "experiment", "dvc_exp": name,
+        "dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "-")})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
 def context_tags(tags: dict[str, str] | None = None) -> dict[str, str]:
     """Tags of a new run: git commit, DVC stage, algorithm, seed, data fingerprint, + ``tags``.
 
     The DVC stage comes from ``DVC_STAGE`` (set by ``dvc repro``); for a foreach stage such as
     ``rl@appo`` or ``eval@sft`` the item is the run's ``algorithm`` (the variant compared).
-    Explicit ``tags`` win. Outside a pipeline the parent link (``APPO_PARENT_RUN_ID``) is absent.
+    Also :func:`provenance` (``dvc_exp``, ``config``). Explicit ``tags`` win. The parent is the
+    open pipeline run (``APPO_PARENT_RUN_ID``), else, under ``dvc exp run``, the experiment's
+    run (:func:`experiment_parent`); otherwise there is none.
     """
     out = {"git_commit": git_commit()}
     stage = os.environ.get("DVC_STAGE")
@@ -113,8 +163,11 @@ def context_tags(tags: dict[str, str] | None = None) -> dict[str, str]:
     fingerprint = data_fingerprint(params.get("data_dir", "data/dataset"))
     if fingerprint:
         out["data_fingerprint"] = fingerprint
+    out.update(provenance())
     out.update({k: str(v) for k, v in (tags or {}).items()})
     parent = os.environ.get(PARENT_ENV)
+    if not parent and out["dvc_exp"] != "-":
+        parent = experiment_parent(out["dvc_exp"])
     if parent:
         out[PARENT_TAG] = parent
     return out
@@ -158,3 +211,13 @@ def parent_run(run_name: str = "pipeline", tags: dict[str, str] | None = None,
             os.environ.pop(PARENT_ENV, None)
         else:
             os.environ[PARENT_ENV] = previous
+
+
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI (``make mlflow-ui``; ``APPO_MLFLOW_UI`` names another
+    address), for links from other tools such as Prefect."""
+    import mlflow
+
+    base = os.environ.get("APPO_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"

@@ -50,6 +50,8 @@ def metric_key(key: str) -> str:
 class RunLogger:
     """Per-step metrics to ``<out>/metrics.jsonl`` (appended, flushed) and, if enabled, MLflow.
 
+    ``out_dir`` None: MLflow only, no file (the data, frames and init_model stages, whose
+    output folders are DVC outputs that must not change with logging).
     ``mlflow`` is None (auto: on when the package imports and ``APPO_MLFLOW`` is not "0"),
     True or False. ``run_id`` resumes an existing MLflow run after a restart. A new run gets
     :func:`appo.mlflow_setup.context_tags` (git commit, DVC stage, algorithm, seed, data
@@ -57,12 +59,14 @@ class RunLogger:
     open), is nested under that parent run.
     """
 
-    def __init__(self, out_dir: str | Path, run_name: str, *, mlflow: bool | None = None,
-                 tags: dict[str, str] | None = None, run_id: str | None = None,
-                 nested: bool = False) -> None:
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+    def __init__(self, out_dir: str | Path | None, run_name: str, *,
+                 mlflow: bool | None = None, tags: dict[str, str] | None = None,
+                 run_id: str | None = None, nested: bool = False) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None
+        self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         self._mlflow = None
         self.run_id: str | None = None
         if mlflow is None:
@@ -90,8 +94,9 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
-        self._file.write(json.dumps({"step": step, **clean}) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, **clean}) + "\n")
+            self._file.flush()
         if self._mlflow is not None:
             finite = {k: v for k, v in clean.items() if math.isfinite(v)}
             self._mlflow.log_metrics(finite, step=step)
@@ -100,12 +105,21 @@ class RunLogger:
         if self._mlflow is not None and Path(path).exists():
             self._mlflow.log_artifact(str(path))
 
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """``rows`` as one MLflow table artifact ``name`` (.json): a comparison across
+        variants belongs in one table, not in per-variant metrics that crowd every chart."""
+        if self._mlflow is not None and rows:
+            import pandas as pd
+
+            self._mlflow.log_table(pd.DataFrame(rows), artifact_file=name)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow is not None:
             self._mlflow.set_tags(tags)
 
     def close(self, status: str = "FINISHED") -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._mlflow is not None:
             self._mlflow.end_run(status=status)
 
@@ -128,6 +142,9 @@ class NullLogger:
         pass
 
     def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:

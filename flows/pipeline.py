@@ -11,7 +11,7 @@ and ``overrides`` (``dotted.key=value``, applied to a validated temporary copy t
 for params.yaml during the run, see :func:`appo.cli.params_installed`), ``force``,
 ``keep_params``. A transient failure (killed process, lock or database contention) is retried.
 
-    python -m flows.pipeline                                  # local, no server needed
+    python -m flows.pipeline                                  # make run; no server needed
     python -m flows.pipeline --algorithms grpo appo --set rl.steps=10
     python -m flows.serve                                     # deployment for the UI (make ui)
 """
@@ -31,6 +31,36 @@ from appo.cli import die_with_parent, dvc_command, params_installed, stage_env, 
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
              "Connection reset", "Cannot allocate memory", "Killed")
 VARIANTS_WITHOUT_RL = ("base", "sft")  # eval@ items that are not RL algorithms
+
+
+# DVC's closing advice after each stage ("To track the changes with git, run: git add ...",
+# "To enable auto staging, run: dvc config core.autostage true"): useful once in a terminal,
+# noise in every task log. Only `core.autostage` turns it off, and that would stage files in
+# the user's git index, so the task log drops these lines instead.
+GIT_HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
+             "dvc config core.autostage")
+
+
+def is_git_hint(line: str) -> bool:
+    """A line of DVC's git advice (see GIT_HINTS)."""
+    return line.strip().startswith(GIT_HINTS)
+
+
+def publish_summary(table: str, parent_id: str | None) -> str:
+    """The comparison table and a link to the MLflow parent run as a Prefect markdown artifact
+    (the flow run's Artifacts tab), so the UI shows the result, not only logs."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = ["# APPO pipeline: comparison", "", "```", table, "```", ""]
+    if parent_id:
+        from appo.mlflow_setup import run_url
+
+        lines += [f"MLflow parent run: [{parent_id[:8]}]({run_url(parent_id)}) "
+                  "(all stage runs are nested under it)", ""]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown=markdown, key="appo-comparison",
+                             description="variants side by side (python -m appo compare)")
+    return markdown
 
 
 class StageFailed(RuntimeError):
@@ -73,7 +103,7 @@ def run_stage(stage: str, force: bool = False) -> str:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
-            if not line:
+            if not line or is_git_hint(line):
                 continue
             logger.info(line)
             tail.append(line)
@@ -167,7 +197,9 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
                 logger.info("MLflow parent run %s", parent_id)
             for stage in stages:
                 results[stage] = run_stage(stage, force)
-        print("\n" + compare(from_files=True))
+        table = compare(from_files=True)
+        print("\n" + table)
+        publish_summary(table, parent_id)
     return results
 
 

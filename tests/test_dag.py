@@ -45,7 +45,7 @@ ALGORITHMS = ("grpo", "dapo", "appo", "appo-random", "tgrpo")  # the DAG's rl@ i
 PRESETS_OUTSIDE_DAG = {"appo-uniform"}  # presets run by hand / in experiment files only
 ALL_STAGES = {"data", "frames", "init_model", "sft", "eval@base", "eval@sft", "report",
               *(f"rl@{a}" for a in ALGORITHMS), *(f"eval@{a}" for a in ALGORITHMS)}
-LOGGING_STAGES = ALL_STAGES - {"data", "frames", "init_model"}  # those with an MLflow run
+LOGGING_STAGES = ALL_STAGES  # every stage logs an MLflow run
 
 
 def _dvc_yaml() -> dict:
@@ -67,8 +67,62 @@ def test_rl_stage_lists_each_shared_rl_key_and_only_its_own_preset():
         body = stage.get("do", stage)
         if name != "rl":
             assert not [p for p in body.get("params", []) if str(p).startswith("rl")], name
-    metrics = [m for s in stages.values() for m in s.get("do", s).get("metrics", [])]
-    assert metrics and all(next(iter(m.values())) == {"cache": False} for m in metrics)
+
+
+def test_dvc_metrics_are_headline_files_in_git_and_outputs_are_cached():
+    """DVC's metrics are the small headline files under metrics/ (cache: false, not ignored by
+    git, so `dvc exp run` commits them); every output under the gitignored outputs/ is cached
+    (an uncached one is lost for good when a stage fails after DVC removed it)."""
+    stages = _dvc_yaml()["stages"]
+    metrics, outs = [], []
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        metrics += body.get("metrics", [])
+        outs += body.get("outs", []) + body.get("plots", [])
+    paths = [next(iter(m)) for m in metrics]
+    assert paths == ["metrics/sft.json", "metrics/rl/${item}.json", "metrics/eval/${key}.json"]
+    assert all(next(iter(m.values())) == {"cache": False} for m in metrics)
+    examples = [re.sub(r"\$\{(item|key)\}", "appo", p) for p in paths]
+    ignored = subprocess.run(["git", "check-ignore", *examples], cwd=ROOT, capture_output=True,
+                             text=True, check=False).stdout.split()
+    assert ignored == []
+    assert all(isinstance(o, str) for o in outs), [o for o in outs if not isinstance(o, str)]
+
+
+def test_dvc_metrics_show_fits_160_columns(tmp_path):
+    """`dvc metrics show` over every stage's headline file: one row per file, fixed keys."""
+    from appo.headline import rebuild
+
+    families = {f"family_{i}": {"accuracy": 0.5} for i in range(12)}  # not in the headline
+    for name in ("base", "sft", *ALGORITHMS):
+        out = tmp_path / "outputs" / "eval" / name
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"overall": {
+            "accuracy": 0.44140625, "ci95": [0.40234375, 0.48046875],
+            "perception_hit_rate": 0.3828125}, "by_family": families}))
+    for algo in ALGORITHMS:
+        out = tmp_path / "outputs" / "rl" / algo
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({
+            "final_reward": 0.51234567, "final_accuracy": 0.4123, "train_time_s": 1812.31,
+            "steps": 640}))
+    (tmp_path / "outputs" / "sft").mkdir()
+    (tmp_path / "outputs" / "sft" / "metrics.json").write_text(json.dumps({
+        "final_loss": 1.234567, "train_time_s": 812.3}))
+    env = _env(tmp_path)
+    _run(["git", "init", "-q"], tmp_path, env)
+    _dvc(tmp_path, env, "init", "-q")
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        written = rebuild()
+    assert len(written) == 2 + 2 * len(ALGORITHMS) + 1
+    assert json.loads((tmp_path / "metrics" / "eval" / "appo.json").read_text()) == {
+        "accuracy": 0.4414, "ci_hi": 0.4805, "ci_lo": 0.4023, "hit_rate": 0.3828}
+    table = _dvc(tmp_path, env, "metrics", "show").splitlines()
+    assert len(table) == 1 + len(written)
+    assert max(len(line) for line in table) <= 160, "\n".join(table)
 
 
 def test_every_preset_is_trained_evaluated_and_reported():
@@ -116,6 +170,80 @@ def test_params_installed_applies_overrides_and_restores(tmp_path):
     assert (tmp_path / "params.yaml").read_text() == original
     with pytest.raises(ValueError, match="dotted.key=value"):
         apply_overrides({}, ["rl.steps"])
+
+
+def test_mlflow_experiment_opens_on_model_training(tmp_path, monkeypatch):
+    """MLflow 3 opens an experiment without a kind in GenAI mode; ours is model training."""
+    import mlflow
+
+    from appo.mlflow_setup import configure
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    configure("kind-test")
+    tags = mlflow.get_experiment_by_name("kind-test").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_dvc_experiment_runs_nest_under_an_experiment_parent(tmp_path, monkeypatch):
+    """Under `dvc exp run` (DVC_EXP_NAME) the stage runs nest under one parent per experiment
+    and carry the experiment's name and the params fingerprint."""
+    import mlflow
+
+    from appo.mlflow_setup import PARENT_ENV, params_fingerprint
+    from appo.tracking import RunLogger
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\nrl: {steps: 3}\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("APPO_MLFLOW", "1")
+    monkeypatch.setenv("DVC_EXP_NAME", "warm-hats")
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    for name in ("rl-appo", "eval-appo"):
+        with RunLogger(tmp_path / name, name, tags={"algorithm": "appo"}) as log:
+            log.log_metrics({"x": 1.0}, step=0)
+    runs = mlflow.search_runs(experiment_names=["appo"])
+    parent = runs[runs["tags.dvc_stage"] == "experiment"]
+    assert len(parent) == 1 and parent.iloc[0]["tags.dvc_exp"] == "warm-hats"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
+    assert sorted(children["tags.mlflow.runName"]) == ["eval-appo", "rl-appo"]
+    assert (children["tags.dvc_exp"] == "warm-hats").all()
+    assert (children["tags.config"] == params_fingerprint()).all()
+    assert params_fingerprint() != "-"
+
+
+def test_compare_and_report_say_where_each_row_comes_from(tmp_path, monkeypatch):
+    from appo.cli import compare
+    from appo.stages.report import load_results, render_markdown
+
+    monkeypatch.setenv("APPO_MLFLOW", "0")
+    for name, exp in (("sft", "-"), ("appo", "warm-hats")):
+        out = tmp_path / "eval" / name
+        out.mkdir(parents=True)
+        stats = {"n": 8, "accuracy": 0.5, "ci95": [0.2, 0.8]}
+        (out / "metrics.json").write_text(json.dumps({
+            "overall": stats, "benchmarks": {"test": stats}, "by_family": {},
+            "provenance": {"dvc_exp": exp, "config": f"cfg-{name}"}}))
+    lines = compare(from_files=True, outputs=str(tmp_path)).splitlines()
+    assert lines[0].split()[:3] == ["variant", "exp", "config"]
+    assert lines[2].split()[:3] == ["appo", "warm-hats", "cfg-appo"]
+    report = render_markdown(load_results(tmp_path), [])
+    assert "Mixed sources" in report and "appo: exp warm-hats, params cfg-appo" in report
+
+
+def test_prefect_task_log_drops_dvcs_git_hints(tmp_path):
+    """`dvc repro` ends each stage with ~5 lines of git advice; the task log keeps the rest."""
+    from flows.pipeline import is_git_hint
+
+    env = _env(tmp_path)
+    _run(["git", "init", "-q"], tmp_path, env)
+    _dvc(tmp_path, env, "init", "-q")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n"
+                                       "    outs: [out.txt]\n")
+    lines = [line for line in _dvc(tmp_path, env, "repro").splitlines() if line.strip()]
+    kept = [line for line in lines if not is_git_hint(line)]
+    assert any("git add" in line for line in lines)  # DVC does give the advice
+    assert not [line for line in kept if "git add" in line or "autostage" in line], kept
+    assert "Running stage 'hello':" in kept
 
 
 def test_report_marks_differences_inside_and_outside_the_ci(tmp_path, monkeypatch):
@@ -218,7 +346,7 @@ def micro(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("appo", "flows"):
         shutil.copytree(ROOT / name, repo / name, ignore=ignore)
-    for name in ("dvc.yaml", "pyproject.toml"):
+    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):  # outputs/ ignored as in the project
         shutil.copy2(ROOT / name, repo / name)
     params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -233,10 +361,14 @@ def micro(tmp_path_factory):
                     "PYTHONPATH", "DVC_NO_ANALYTICS"):
             mp.setenv(key, env[key])
         mp.delenv("APPO_PARENT_RUN_ID", raising=False)
-        with prefect_test_harness():
+        with prefect_test_harness(server_startup_timeout=600):  # slow on a busy machine
             results = pipeline(project_dir=str(repo))
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                artifacts = client.read_artifacts()
     return SimpleNamespace(repo=repo, env=env, tmp=tmp, results=results,
-                           params_text=params_text)
+                           params_text=params_text, artifacts=artifacts)
 
 
 def _mlflow_runs(micro):
@@ -259,6 +391,9 @@ def test_prefect_flow_ran_every_stage_in_dag_order(micro):
              "eval@base", "eval@sft", *(f"eval@{a}" for a in ALGORITHMS), "report"]
     assert list(micro.results) == order
     assert set(micro.results.values()) == {"ran"}
+    (artifact,) = [a for a in micro.artifacts if a.key == "appo-comparison"]
+    assert "variant" in artifact.data and "MLflow parent run: [" in artifact.data
+    assert "/#/experiments/" in artifact.data
     assert (repo / "params.yaml").read_text() == micro.params_text  # no overrides: untouched
     assert plan(["grpo"], repo) == ["data", "frames", "init_model", "sft", "rl@grpo",
                                     "eval@base", "eval@sft", "eval@grpo", "report"]
@@ -328,6 +463,13 @@ def test_mlflow_parent_child_runs_and_compare(micro):
     artifacts = {a.path for a in client.list_artifacts(by_stage["report"]["run_id"])}
     assert {"report.md", "summary.json", "reward_curves.png", "final_accuracy.png"} <= artifacts
     assert "metrics.json" in {a.path for a in client.list_artifacts(by_stage["eval@sft"]["run_id"])}
+    # the report's comparison is a table artifact, not per-variant metrics crowding the charts
+    assert {"comparison.json", "differences.json"} <= artifacts
+    assert not [c for c in runs.columns if c.startswith("metrics.")
+                and runs.loc[by_stage["report"].name, c] == runs.loc[by_stage["report"].name, c]]
+    assert by_stage["data"]["metrics.questions/test"] == 8
+    assert client.get_experiment_by_name("appo").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     assert "report.md" in {a.path for a in client.list_artifacts(parent["run_id"])}
 
     table = _run([sys.executable, "-m", "appo", "compare"], micro.repo, micro.env, True)
@@ -356,7 +498,22 @@ def test_dvc_exp_metrics_plots_and_a_two_seed_experiment(micro):
     assert _ran(out) <= {"rl@appo", "eval@appo", "report"} and "rl@appo" in _ran(out)
     metrics = json.loads(_dvc(repo, env, "metrics", "show", "--json"))
     flat = json.dumps(metrics)
-    assert "outputs/eval/appo/metrics.json" in flat and "outputs/rl/tgrpo/metrics.json" in flat
+    assert "metrics/eval/appo.json" in flat and "metrics/rl/tgrpo.json" in flat
+    # the experiment's commit carries its headline metrics: both rows have them, not "!"
+    from io import StringIO
+
+    import pandas as pd
+
+    table = pd.read_csv(StringIO(_dvc(repo, env, "exp", "show", "--csv")))
+    rows = table[table["typ"].isin(["baseline", "branch_base", "branch_commit"])
+                 & (table["rev"] != "workspace")]
+    assert len(rows) == 2, table[["rev", "typ"]]
+    for column in ("metrics/eval/appo.json:accuracy", "metrics/rl/appo.json:reward",
+                   "metrics/eval/sft.json:accuracy"):
+        assert rows[column].notna().all() and (rows[column] != "!").all(), column
+    md = _dvc(repo, env, "exp", "show", "--md", "--only-changed", "--no-pager")
+    assert "metrics/eval/appo.json:accuracy" in md or "metrics/rl/appo.json:reward" in md
+    assert max(len(line) for line in md.splitlines()) <= 400, md
     _dvc(repo, env, "plots", "show", "-o", str(micro.tmp / "plots"))
     assert (micro.tmp / "plots" / "index.html").is_file()
 
@@ -373,3 +530,57 @@ def test_dvc_exp_metrics_plots_and_a_two_seed_experiment(micro):
     for seed in (0, 1):
         assert (repo / "outputs" / "experiments" / "micro" / "main" / f"seed-{seed}" / "grpo"
                 / "eval_metrics.json").is_file()
+
+
+def test_make_ui_keeps_prefect_state_in_the_checkout_and_checks_the_port_first(tmp_path):
+    """Two checkouts' `make ui` must not share ~/.prefect; a port in use fails before the
+    "Prefect UI: ..." banner, with the way out."""
+    import socket
+
+    from flows.serve import check_port_free
+
+    dry = subprocess.run(["make", "-n", "-p", "ui", f"VENV={Path(sys.executable).parent.parent}"],
+                         cwd=ROOT, capture_output=True, text=True, check=False).stdout
+    assert f"PREFECT_HOME := {ROOT}/.prefect" in dry
+    lines = dry.splitlines()
+    check = next(i for i, line in enumerate(lines) if "--check-port" in line)
+    banner = next(i for i, line in enumerate(lines) if 'echo "Prefect UI:' in line)
+    assert check < banner
+    assert subprocess.run(["git", "check-ignore", "-q", ".prefect/"], cwd=ROOT).returncode == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port {port} .* in use.*PREFECT_PORT={port + 1}"):
+            check_port_free(port)
+    check_port_free(port)  # closed again: free
+
+
+def test_make_run_is_the_prefect_flow_on_the_local_ui_server_when_up():
+    """`make run` runs flows.pipeline, pointed at this checkout's `make ui` server if it is up."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from flows.serve import local_api
+
+    dry = subprocess.run(["make", "-n", "run", f"VENV={Path(sys.executable).parent.parent}"],
+                         cwd=ROOT, capture_output=True, text=True, check=False).stdout
+    assert "-m flows.pipeline" in dry and "-m appo run" not in dry
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert local_api(port) == f"http://127.0.0.1:{port}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert local_api(port) is None

@@ -440,9 +440,11 @@ def test_stage_main_writes_files(synthetic_data, tiny_checkpoint, bench_files, t
                  "video_root": str(bench_files["videor1"].parent / "local_videos")},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    main(["--checkpoint", str(tiny_checkpoint), "--name", "tiny"])
+    main(["--checkpoint", str(tiny_checkpoint), "--name", "tiny", "--headline", "m/tiny.json"])
 
     out = tmp_path / "outputs" / "eval" / "tiny"
+    headline = json.loads((tmp_path / "m" / "tiny.json").read_text())  # DVC's metrics file
+    assert set(headline) <= {"accuracy", "ci_lo", "ci_hi", "hit_rate"} and "accuracy" in headline
     assert {"predictions.jsonl", "metrics.json", "metrics.md"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"checkpoint", "name", "overall", "benchmarks", "by_family", "by_problem_type",
@@ -462,6 +464,7 @@ def test_stage_main_writes_files(synthetic_data, tiny_checkpoint, bench_files, t
     assert "| **overall** |" in (out / "metrics.md").read_text()
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["overall/accuracy"] == pytest.approx(metrics["overall"]["accuracy"])
+    assert headline["accuracy"] == round(metrics["overall"]["accuracy"], 4)
     assert logged[-1]["bench/test/n"] == n_test
 
     # --out is honoured and a re-run reproduces the predictions exactly

@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -83,3 +84,17 @@ def _watch_runner() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="appo-runner-watch", daemon=True).start()
+
+
+def log_stage_run(stage: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """One MLflow run for a stage without training curves (data, frames, init_model), so that
+    every stage of a pipeline run shows up under its parent with its params and tags.
+
+    MLflow only: these stages' output folders are DVC outputs, and a log file inside them would
+    change their hash and rerun everything downstream.
+    """
+    from appo.tracking import RunLogger
+
+    with RunLogger(None, stage, tags={"stage": stage}) as logger:
+        logger.log_params(params)
+        logger.log_metrics(metrics, step=0)

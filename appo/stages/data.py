@@ -7,6 +7,7 @@ data), the single format every later stage reads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from appo.config import DataConfig, load_section
 from appo.data.formats import PathRemap, load_source
 from appo.data.synthetic import generate_split
 from appo.io import atomic_write_json, atomic_write_text
-from appo.stages import stage_main
+from appo.stages import log_stage_run, stage_main
 
 SPLITS = ("sft", "rl", "val", "test")
 
@@ -53,8 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     from appo.config import load_yaml
 
     seed = int(load_yaml(args.params).get("seed", 0))
-    counts = run(load_section(DataConfig, "data", args.params), seed)
+    cfg = load_section(DataConfig, "data", args.params)
+    counts = run(cfg, seed)
     print(f"data: wrote {counts} questions")
+    log_stage_run("data", {"data": dataclasses.asdict(cfg), "seed": seed},
+                  {f"questions/{split}": n for split, n in counts.items()})
 
 
 if __name__ == "__main__":

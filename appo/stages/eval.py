@@ -11,8 +11,10 @@ or the entry's own roots), whose videos and images are extracted into
 
 * ``predictions.jsonl``: one scored row per question (see :func:`appo.eval.runner.evaluate`);
 * ``metrics.json``: ``{"checkpoint", "name", "overall", "benchmarks", "by_family",
-  "by_problem_type", "missing", "missing_policy", "settings"}``;
-* ``metrics.md``: the same as markdown tables.
+  "by_problem_type", "missing", "missing_policy", "settings", "provenance"}`` (provenance: the
+  DVC experiment and params fingerprint, :func:`appo.mlflow_setup.provenance`);
+* ``metrics.md``: the same as markdown tables;
+* with ``--headline PATH``: accuracy, CI and hit rate there (:mod:`appo.headline`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from appo.data.schema import VideoQA
 from appo.eval.metrics import aggregate, markdown_table
 from appo.eval.protocol import PROTOCOLS
 from appo.eval.runner import MISSING_POLICIES, HitRateFn, evaluate
+from appo.headline import write_headline
 from appo.io import atomic_write_json, atomic_write_text
+from appo.mlflow_setup import provenance
 from appo.stages import stage_main
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -132,8 +136,11 @@ def run(
     *,
     hit_rate_fn: HitRateFn | None = None,
     model_and_processor: tuple[Any, Any] | None = None,
+    headline: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` and write the three files; returns the metrics dict.
+
+    ``headline``: also write the few headline numbers DVC shows there (:mod:`appo.headline`).
 
     ``model_and_processor`` reuses an already loaded policy (tests, in-process flows) instead
     of loading ``checkpoint`` again; ``checkpoint`` is then only recorded.
@@ -182,11 +189,13 @@ def run(
         "missing": missing,
         "missing_policy": cfg.missing,
         "settings": dataclasses.asdict(cfg),
+        "provenance": provenance(),
     }
     atomic_write_text(out / "predictions.jsonl",
                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "metrics.md", markdown_table(metrics))
+    write_headline(headline, "eval", metrics)
 
     with RunLogger(out, f"eval-{name}", tags={"stage": "eval"}) as logger:
         logger.log_params({"checkpoint": str(checkpoint), "name": name,
@@ -209,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="run name (default out: outputs/eval/NAME)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument("--headline", default=None,
+                        help="also write the headline metrics (DVC's metrics file) here")
     args = parser.parse_args(argv)
     run(
         args.checkpoint,
@@ -218,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         load_section(ModelConfig, "model", args.params),
         load_section(EvalConfig, "eval", args.params),
         args.out,
+        headline=args.headline,
     )
 
 

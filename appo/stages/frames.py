@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from appo.config import DataConfig, FramesConfig, load_section
 from appo.data.dataset import load_split, split_files
 from appo.data.frames import extract_records
-from appo.stages import stage_main
+from appo.stages import log_stage_run, stage_main
 
 
 def run(data: DataConfig, cfg: FramesConfig) -> int:
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    run(load_section(DataConfig, "data", args.params), load_section(FramesConfig, "frames", args.params))
+    cfg = load_section(FramesConfig, "frames", args.params)
+    cached = run(load_section(DataConfig, "data", args.params), cfg)
+    log_stage_run("frames", {"frames": dataclasses.asdict(cfg)}, {"cached": cached})
 
 
 if __name__ == "__main__":

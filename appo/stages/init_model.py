@@ -7,13 +7,14 @@ it, and :func:`appo.models.loading.resolve_checkpoint` follows the pointer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from appo.config import FramesConfig, ModelConfig, load_section
 from appo.io import atomic_dir, atomic_write_json
 from appo.models.loading import check_checkpoint
 from appo.models.tiny import build_tiny_checkpoint
-from appo.stages import stage_main
+from appo.stages import log_stage_run, stage_main
 
 
 def run(cfg: ModelConfig, frames: FramesConfig) -> Path:
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    run(load_section(ModelConfig, "model", args.params), load_section(FramesConfig, "frames", args.params))
+    cfg = load_section(ModelConfig, "model", args.params)
+    frames = load_section(FramesConfig, "frames", args.params)
+    run(cfg, frames)
+    log_stage_run("init_model", {"model": dataclasses.asdict(cfg),
+                                 "frames.max_pixels": frames.max_pixels}, {})
 
 
 if __name__ == "__main__":

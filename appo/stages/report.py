@@ -13,7 +13,9 @@
   prints), ``reward_curves.csv`` / ``train_accuracy_curves.csv`` / ``final_accuracy.csv``
   (``dvc plots``).
 
-All of it is also logged as MLflow artifacts of a ``report`` run (:class:`RunLogger`).
+All of it is also logged as MLflow artifacts of a ``report`` run (:class:`RunLogger`), the
+comparison and the differences as MLflow tables (no per-variant metrics: the stages' own runs
+hold those, and the report's would crowd every chart of the experiment).
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ def comparison_rows(res: Results) -> list[dict[str, Any]]:
     rows = []
     for variant in res.variants:
         m = res.evals.get(variant, {})
-        row: dict[str, Any] = {"variant": variant}
+        source = m.get("provenance") or res.rl.get(variant, {}).get("provenance") or {}
+        row: dict[str, Any] = {"variant": variant, "exp": source.get("dvc_exp"),
+                               "config": source.get("config")}
         for bench in res.benchmarks:
             stats = m.get("benchmarks", {}).get(bench, {})
             lo, hi = stats.get("ci95") or (None, None)
@@ -194,6 +198,11 @@ def render_markdown(res: Results, diffs: list[dict[str, Any]]) -> str:
 
     lines += ["## Final accuracy per benchmark", ""]
     rows = comparison_rows(res)
+    sources = {(r["exp"], r["config"]) for r in rows}
+    if len(sources) > 1:  # e.g. after `dvc exp run -S ...` reran only some variants
+        lines += ["**Mixed sources**: the variants come from different DVC experiments or "
+                  "params: " + "; ".join(f"{r['variant']}: exp {r['exp'] or '-'}, params "
+                                        f"{r['config'] or '-'}" for r in rows) + ".", ""]
     sampled = any(row["sampled_accuracy"] is not None for row in rows)
     head = ["variant", *[f"{b} (n={_first_n(res, b)})" for b in res.benchmarks],
             *(["sampled acc % (T=1)"] if sampled else []),
@@ -274,7 +283,8 @@ def summary(res: Results, diffs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for row in comparison_rows(res):
         v = row.pop("variant")
-        entry = {k: x for k, x in row.items() if x is not None and not k.startswith("n/")}
+        entry = {k: x for k, x in row.items() if x is not None and not k.startswith("n/")
+                 and k not in ("exp", "config")}
         overall = res.evals.get(v, {}).get("overall", {})
         if overall.get("accuracy") is not None:
             entry["accuracy"] = overall["accuracy"]
@@ -430,9 +440,11 @@ def run(outputs: str | Path = "outputs", out_dir: str | Path = "outputs/report")
 
     with RunLogger(out, "report", tags={"stage": "report"}) as logger:
         logger.log_params({"outputs": str(outputs), "variants": ",".join(res.variants)})
-        flat = {f"{v}/{k}": float(x) for v, entry in summ.items() if v != "differences"
-                for k, x in entry.items() if isinstance(x, (int, float))}
-        logger.log_metrics(flat, step=0)
+        logger.log_table(rows, "comparison.json")  # a table: per-variant metrics crowd charts
+        logger.log_table([{"a": d["a"], "b": d["b"], "group": d["group"], "diff": d["diff"],
+                           "ci_lo": d["ci95"][0], "ci_hi": d["ci95"][1],
+                           "p_value": d["p_value"], "inside_ci": d["inside_ci"]}
+                          for d in diffs], "differences.json")
         for name in ("report.md", "summary.json", "comparison.csv", "final_accuracy.csv",
                      *(f"{n}.csv" for n in CURVES.values()), "reward_curves.png",
                      "accuracy_curves.png", "final_accuracy.png", "perception_hit_rate.png"):

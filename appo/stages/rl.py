@@ -26,7 +26,9 @@ from pathlib import Path
 from appo.config import DataConfig, FramesConfig, ModelConfig, RLConfig, load_section, load_yaml
 from appo.data.dataset import load_split, split_path
 from appo.data.frames import FrameStore
+from appo.headline import write_headline
 from appo.io import atomic_write_json, output_lock, remove_stale_temps
+from appo.mlflow_setup import provenance
 from appo.models.loading import load_policy
 from appo.rl.trainer import RLTrainer
 from appo.stages import stage_main
@@ -69,7 +71,10 @@ def cap_prompts(records: list, processor, cfg: RLConfig) -> list:
     return [qa for qa, length in zip(records, lengths) if length <= cfg.max_prompt_tokens]
 
 
-def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True) -> dict:
+def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True,
+        headline: str | None = None) -> dict:
+    """Train ``algo_name``; ``headline``: also write the headline metrics there
+    (:mod:`appo.headline`)."""
     from tqdm import tqdm
 
     cfg = load_section(RLConfig, "rl", params)
@@ -168,8 +173,10 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
             "final_accuracy": sum(m["accuracy"] for m in tail) / len(tail),
             "skipped_steps": trainer.skips.total,
             "num_processes": accelerator.num_processes,
+            "provenance": provenance(),
         }
         atomic_write_json(out / "metrics.json", summary)
+        write_headline(headline, "rl", summary)
         log.log_metrics({f"final/{k}": v for k, v in summary.items()
                          if isinstance(v, (int, float))}, total_steps)
         log.log_artifact(out / "metrics.json")
@@ -185,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override rl.steps")
     parser.add_argument("--launch", default=None,
                         help="override rl.launch: none, ddp, fsdp, cpu-ddp or an accelerate config")
+    parser.add_argument("--headline", default=None,
+                        help="also write the headline metrics (DVC's metrics file) here")
     args = parser.parse_args(argv)
     cfg = load_section(RLConfig, "rl", args.params)
     cfg.algorithm(args.algo)  # an unknown preset fails before anything is created
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             if code:
                 raise SystemExit(code)
             return
-        run(args.params, args.algo, args.steps)
+        run(args.params, args.algo, args.steps, headline=args.headline)
 
 
 if __name__ == "__main__":

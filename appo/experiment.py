@@ -345,12 +345,15 @@ def _plot(root: Path, curves: dict[str, list[list[float]]], table: dict[str, Any
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from appo.stages.report import curve_style
+
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for algo, runs in curves.items():
+        for k, (algo, runs) in enumerate(curves.items()):
             n = min(len(r) for r in runs)
             mean = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
-            ax.plot(range(n), mean, label=f"{algo} (mean of {len(runs)} seeds)")
+            ax.plot(range(n), mean, label=f"{algo} (mean of {len(runs)} seeds)",
+                    **curve_style(k))
         ax.set_xlabel("RL step")
         ax.set_ylabel("rollout accuracy (fresh prompts, T = 1)")
         ax.legend(fontsize=8)

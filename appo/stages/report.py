@@ -328,26 +328,42 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+# one dash pattern and marker per curve: algorithms that learn alike draw the same line, and a
+# colour alone would let the last one drawn hide the others
+LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "x")
+
+
+def curve_style(i: int) -> dict[str, Any]:
+    """Matplotlib keyword arguments of the i-th curve of a plot (distinct dash and marker)."""
+    return {"linestyle": LINE_STYLES[i % len(LINE_STYLES)], "marker": MARKERS[i % len(MARKERS)],
+            "markevery": 0.1, "markersize": 4}
+
+
 def plot_curves(res: Results, key: str, ylabel: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for algo in variant_order(res.curves):
+    window = 1
+    for k, algo in enumerate(variant_order(res.curves)):
         pts = [(r["step"], r[key]) for r in res.curves[algo] if key in r]
         if not pts:
             continue
         steps, vals = zip(*pts)
-        (line,) = ax.plot(steps, vals, alpha=0.35, linewidth=1)
+        (line,) = ax.plot(steps, vals, alpha=0.3, linewidth=0.8)
         window = max(1, len(vals) // 10)
         smooth = [sum(vals[max(0, i - window + 1):i + 1]) / len(vals[max(0, i - window + 1):i + 1])
                   for i in range(len(vals))]
-        ax.plot(steps, smooth, color=line.get_color(), linewidth=2,
-                label=f"{algo}" + (f" (mean of {window})" if window > 1 else ""))
+        ax.plot(steps, smooth, color=line.get_color(), linewidth=1.8, label=algo,
+                **curve_style(k))
+    if window > 1:
+        ax.set_title(f"bold: moving average over {window} RL steps; faint: each step",
+                     fontsize="small")
     ax.set_xlabel("RL step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: curves cross the whole plot
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     _save(fig, path)
 
 
@@ -371,8 +387,11 @@ def plot_final_accuracy(res: Results, path: Path) -> None:
             acc.append(100 * a if a is not None else np.nan)
             err[0].append(100 * (a - lo) if None not in (a, lo) else 0.0)
             err[1].append(100 * (hi - a) if None not in (a, hi) else 0.0)
-        ax.bar(x + (i - (len(variants) - 1) / 2) * width, acc, width, yerr=err, capsize=2,
-               label=v)
+        bars = ax.bar(x + (i - (len(variants) - 1) / 2) * width, acc, width, yerr=err,
+                      capsize=2, label=v)
+        # every bar carries its value, so a 0% bar (the untrained base model) is not invisible
+        ax.bar_label(bars, labels=["" if np.isnan(a) else f"{a:.0f}" for a in acc],
+                     fontsize=6, padding=1)
     ax.set_xticks(x, [name if sec == "benchmarks" else f"family\n{name}" for sec, name in groups])
     ax.set_ylabel("accuracy % (95% CI)")
     ax.set_ylim(0, 115)  # headroom for the legend above the 100% line

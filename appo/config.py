@@ -242,6 +242,21 @@ def load_yaml(path: str | Path = "params.yaml") -> dict[str, Any]:
     return data
 
 
+def cpu_threads(params: dict[str, Any], path: str | Path = "params.yaml") -> int:
+    """The top-level ``threads`` knob: torch CPU threads per stage process (0 = torch's default).
+
+    Pinned because results depend on it: the order of floating-point reductions follows the
+    thread count, and the tiny default's SFT amplifies a last-bit difference into a different
+    warm start (docs/calibration.md). With a fixed count a run reproduces on any machine with
+    as many cores and the same CPU kernels.
+    """
+    value = params.get("threads", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}: must be an integer >= 0 (0 = torch's default), got "
+                          f"{value!r}", key="threads")
+    return value
+
+
 #: The published number of perception tokens per crucial frame and response (SEED-Bench-R1,
 #: answers of up to 384 tokens); NExT-GQA uses 512.
 DEFAULT_K = 128

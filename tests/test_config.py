@@ -111,3 +111,29 @@ def test_sft_freeze_vision_accepts_true_false_or_auto(tmp_path):
     path.write_text("sft: {freeze_vision: sometimes}\n")
     with pytest.raises(ConfigError, match="sft.freeze_vision"):
         load_section(SFTConfig, "sft", path)
+
+
+def test_threads_knob_is_validated_and_pins_torch(tmp_path):
+    """params.yaml's top-level ``threads`` pins torch's CPU threads in every stage process
+    (results depend on the reduction order); 0 leaves torch's default; bad values are named."""
+    import torch
+
+    from appo.config import cpu_threads
+    from appo.stages import _pin_threads
+
+    assert cpu_threads({}) == 0 and cpu_threads({"threads": 3}) == 3
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=r"\(threads\)"):
+            cpu_threads({"threads": bad}, "p.yaml")
+    before = torch.get_num_threads()
+    path = tmp_path / "params.yaml"
+    try:
+        path.write_text("threads: 1\n")
+        _pin_threads(["--params", str(path)])
+        assert torch.get_num_threads() == 1
+        path.write_text("threads: 0\n")
+        torch.set_num_threads(2)
+        _pin_threads([f"--params={path}"])
+        assert torch.get_num_threads() == 2  # 0: untouched
+    finally:
+        torch.set_num_threads(before)

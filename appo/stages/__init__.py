@@ -35,6 +35,7 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
         try:
             _check_params_owner()
             _watch_runner()
+            _pin_threads(sys.argv[1:] if argv is None else argv)
             main(argv)
         except user_errors() as exc:
             sys.exit(f"error: {exc}")
@@ -49,6 +50,25 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
             raise
 
     return wrapper
+
+
+def _pin_threads(argv: list[str]) -> None:
+    """Apply params.yaml's ``threads`` (see :func:`appo.config.cpu_threads`) before any work."""
+    from appo.config import cpu_threads, load_yaml
+
+    path = "params.yaml"
+    for i, arg in enumerate(argv):
+        if arg == "--params" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--params="):
+            path = arg.split("=", 1)[1]
+    if not os.path.isfile(path):
+        return  # the stage itself reports a missing params file
+    threads = cpu_threads(load_yaml(path), path)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _check_params_owner() -> None:

@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import time
 from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
 from appo.cli import die_with_parent, dvc_command, params_installed, stage_env, working_dir
+from flows.progress import RunClock, fmt_duration
 
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
              "Connection reset", "Cannot allocate memory", "Killed")
@@ -195,8 +197,14 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
                         ) as parent_id:
             if parent_id:
                 logger.info("MLflow parent run %s", parent_id)
+            clock = RunClock(stages)
             for stage in stages:
+                logger.info(clock.line(stage))
+                began = time.monotonic()
                 results[stage] = run_stage(stage, force)
+                clock.finished(stage, time.monotonic() - began, results[stage] == "ran")
+            logger.info("all %d stages done in %s", len(stages),
+                        fmt_duration(time.monotonic() - clock.start))
         table = compare(from_files=True)
         print("\n" + table)
         publish_summary(table, parent_id)

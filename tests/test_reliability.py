@@ -163,3 +163,30 @@ def test_full_disk_is_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch
     monkeypatch.undo()
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def _sft_loss(params: Path, folder: str, threads: int, omp: str) -> float:
+    """Final loss of a 12-step SFT stage run with params.yaml ``threads`` under OMP_NUM_THREADS."""
+    p = yaml.safe_load(params.read_text())
+    p["threads"] = threads
+    p["model"]["out_dir"] = p["rl"]["init"]  # the session's tiny checkpoint
+    p["sft"].update(out_dir=str(params.parent / folder), max_steps=12, save_every=0,
+                    warmup_steps=0, batch_size=8)
+    path = params.parent / f"{folder}.yaml"
+    path.write_text(yaml.safe_dump(p))
+    proc = subprocess.run([sys.executable, "-m", "appo.stages.sft", "--params", str(path)],
+                          env=_env() | {"OMP_NUM_THREADS": omp}, cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads((params.parent / folder / "metrics.json").read_text())["final_loss"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to differ")
+def test_pinned_threads_make_runs_identical_on_any_core_count(micro_params):
+    """`threads: 1` gives the same SFT to the last bit whatever the environment's thread count;
+    the control (threads: 0 = the environment's) shows that the count does change the result."""
+    params = micro_params("threads")
+    pinned = {_sft_loss(params, f"pin{omp}", 1, omp) for omp in ("1", "2")}
+    assert len(pinned) == 1, pinned
+    control = {_sft_loss(params, f"free{omp}", 0, omp) for omp in ("1", "2")}
+    assert len(control) == 2, "1 and 2 threads agree here: the pinning test cannot fail"

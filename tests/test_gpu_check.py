@@ -18,8 +18,8 @@ PARTS = {"cuda_tests", "rl_step", "rollout_3b", "rollout_7b", "rl_run"}
 def test_gpu_check_dry_run_writes_every_part(tmp_path):
     out = tmp_path / "gpu-check"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run",
-                           "--budget", "1500", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=1800)
+                           str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     md = (out / "gpu_check.md").read_text()
@@ -40,12 +40,11 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
     step = report["parts"]["rl_step"]["result"]
     assert {"appo/dapo step time", "appo/dapo step peak memory"} <= set(step["ratios"])
     assert [row[0] for row in step["table"]] == ["GRPO", "DAPO", "APPO"]
-    for name in ("rollout_3b", "rollout_7b"):
-        summary = report["parts"][name]["result"]["summary"]
-        assert set(summary) == {"dynamic", "static"}
+    assert set(report["parts"]["rollout_3b"]["result"]["summary"]) == {"dynamic", "static"}
+    assert set(report["parts"]["rollout_7b"]["result"]["summary"]) == {"dynamic"}
     run = report["parts"]["rl_run"]["result"]
-    assert run["ok"] and run["resumed_from"] == 2 and run["checkpoints"] >= 2
-    for word in ("device:", "| part |", "appo/dapo step time", "resumed from step 2"):
+    assert run["ok"] and run["resumed_from"] == 1 and run["checkpoints"] >= 1
+    for word in ("device:", "| part |", "appo/dapo step time", "resumed from step 1"):
         assert word in md, word
 
 

@@ -67,7 +67,7 @@ def parts(dry_run: bool) -> list[Part]:
                             if "mark.gpu" in p.read_text())
     tests = Part("cuda_tests", "tests marked gpu (pytest -m gpu)", "pytest",
                  ["-q", "-p", "no:cacheprovider", "-m", "gpu", *gpu_test_files],
-                 300 if dry_run else 90, {"files": gpu_test_files})
+                 300 if dry_run else 80, {"files": gpu_test_files})
     if dry_run:
         small = ["--device", "cpu", "--threads", "1"]
         rollout = ["--generations", "2", "--max-new-tokens", "4", "--frames", "4",
@@ -98,27 +98,28 @@ def parts(dry_run: bool) -> list[Part]:
                   "frame_size": 56, "steps": 2, "crash_at": 1, "dtype": "float32"}),
         ]
     gpu = ["--device", "cuda"]
-    rollout = ["--prompts", "1", "--generations", "8", "--max-new-tokens", "256", "--frames",
+    rollout = ["--prompts", "1", "--generations", "8", "--max-new-tokens", "128", "--frames",
                "16", "--frame-size", "224", "--variants", "dynamic,static", "--reps", "2", *gpu]
-    rollout_shape = {"P": 1, "G": 8, "max_new_tokens": 256, "frames": 16, "frame_size": 224,
+    rollout_shape = {"P": 1, "G": 8, "max_new_tokens": 128, "frames": 16, "frame_size": 224,
                      "video_tokens": 512, "dtype": "bfloat16"}
     return [
         tests,
         Part("rl_step", "RL step, GRPO / DAPO / APPO (real shape)", "rl_step.py",
-             ["--model", "gpu-1b", "--reps", "2", "--warmup", "1", "--no-authors", *gpu], 120,
+             ["--model", "gpu-1b", "--reps", "2", "--warmup", "1", "--no-authors", *gpu], 130,
              {"model": "gpu-1b", "P": 2, "G": 8, "max_new_tokens": 256, "frames": 16,
               "frame_size": 448, "video_tokens": 2048, "dtype": "bfloat16",
               "gradient_checkpointing": True}),
         Part("rollout_3b", "rollout engine, Qwen2.5-VL-3B shape", "rollout.py",
-             ["--model", "3b", *rollout], 85, {"model": "3b", **rollout_shape}),
+             ["--model", "3b", *rollout], 90, {"model": "3b", **rollout_shape}),
         Part("rollout_7b", "rollout engine, Qwen2.5-VL-7B shape", "rollout.py",
-             ["--model", "7b", *rollout], 95, {"model": "7b", **rollout_shape}),
+             ["--model", "7b", *rollout], 100, {"model": "7b", **rollout_shape}),
         Part("rl_run", "short RL run: steps, checkpoints, crash, resume, export", "rl_run.py",
              ["--model", "gpu-1b", "--steps", "3", "--crash-at", "2", "--prompts", "2",
-              "--generations", "4", "--max-new-tokens", "64", *gpu], 90,
+              "--generations", "4", "--max-new-tokens", "64", "--rollout-cache", "dynamic",
+              *gpu], 80,
              {"model": "gpu-1b", "P": 2, "G": 4, "max_new_tokens": 64, "frames": 16,
               "frame_size": 448, "steps": 3, "crash_at": 2, "dtype": "bfloat16",
-              "gradient_checkpointing": True}),
+              "gradient_checkpointing": True, "rollout_cache": "dynamic"}),
     ]
 
 

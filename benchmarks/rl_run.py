@@ -65,6 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frame-size", type=int, default=None)
     parser.add_argument("--groups-per-micro-batch", type=int, default=None)
     parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--rollout-cache", choices=("auto", "static", "dynamic"), default="auto",
+                        help="rl.rollout_cache (auto: static + compiled decoding on CUDA; each "
+                        "run, the resumed one too, compiles it once)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--work-dir", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -91,7 +94,8 @@ def write_params(args, preset: rb.ModelPreset, work: Path) -> Path:
         save_every=args.save_every, prompts_per_step=preset.prompts,
         num_generations=preset.generations, max_new_tokens=preset.max_new_tokens,
         groups_per_micro_batch=preset.groups_per_micro_batch,
-        gradient_checkpointing=preset.gradient_checkpointing, seed=0, algorithms=algos)
+        gradient_checkpointing=preset.gradient_checkpointing, rollout_cache=args.rollout_cache,
+        seed=0, algorithms=algos)
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path

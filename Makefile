@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup run test lint clean ui mlflow-ui
+.PHONY: setup run test lint clean ui mlflow-ui gpu-check
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Every GPU measurement in one call of <= 8 minutes, on a GPU machine with torch, transformers,
+# accelerate, peft, pandas and pytest (no install, no network; benchmarks/README.md):
+# results in $(GPU_CHECK_OUT)/gpu_check.{json,md,log}. `make gpu-check GPU_CHECK_ARGS=--dry-run`
+# runs the same parts on CPU with the tiny model in the project's venv.
+GPU_CHECK_OUT ?= results/gpu-check
+GPU_CHECK_ARGS ?=
+GPU_PYTHON ?= $(if $(filter --dry-run,$(GPU_CHECK_ARGS)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS) $(GPU_CHECK_OUT)
 
 lint: setup
 	$(VENV)/bin/ruff check appo flows tests benchmarks

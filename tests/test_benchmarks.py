@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_step.py"
 
 
@@ -45,7 +47,7 @@ def test_rl_step_benchmark_table(tmp_path, capsys):
     assert "| " + " | ".join(bench.COLUMNS) + " |" in printed
     for word in ("device:", "torch", "transformers", "params", "Dynamic sampling is disabled"):
         assert word in printed
-    assert "TRL not installed" in printed or "TRL is installed" in printed
+    assert "benchmarks/trl_compare.py" in printed
 
     saved = json.loads(out.read_text())
     assert saved["columns"] == list(bench.COLUMNS)
@@ -75,3 +77,20 @@ def test_rollout_benchmark_table(tmp_path, capsys):
     assert "dynamic / HF generate throughput" in result["ratios"]
     assert "| " + " | ".join(bench.COLUMNS) + " |" in printed
     assert json.loads(out.read_text())["columns"] == list(bench.COLUMNS)
+
+
+def test_trl_compare_runs_both_sides_on_the_same_work(tmp_path):
+    """benchmarks/trl_compare.py (TRL from the bench extra): one tiny run, equal token counts."""
+    pytest.importorskip("trl")
+    spec = importlib.util.spec_from_file_location("bench_trl", SCRIPT.parent / "trl_compare.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    result = bench.main(["--models", "tiny", "--prompts", "2", "--generations", "2",
+                         "--max-new-tokens", "3", "--image-size", "56", "--reps", "1",
+                         "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "t.json")])
+    ours, trl = result["summary"]["tiny"]["ours"], result["summary"]["tiny"]["trl"]
+    assert ours["tokens"] == trl["tokens"] == 2 * 2 * 3
+    assert ours["prompt_tokens"] == trl["prompt_tokens"] > 0
+    assert set(result["ratios"]) == {"tiny: ours/TRL step time", "tiny: ours/TRL step peak memory"}
+    assert json.loads((tmp_path / "t.json").read_text())["limits"]

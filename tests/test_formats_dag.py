@@ -9,6 +9,7 @@ releases, with our own records and tiny media); the DVC project is built like ``
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,47 +19,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))  # sibling test modules, whatever the import mode
 
 from test_dag import MICRO, ROOT, _dvc, _env, _ran, _run  # noqa: E402
-from test_real_formats import (  # noqa: E402
-    appo_nextgqa_records,
-    seed_eval_lines,
-    write_json,
-    write_mixed_videor1,
-    write_nextgqa_release,
-    write_two_layouts,
-)
+from test_real_formats import EVERY_FORMAT_COUNTS, every_format_benchmarks  # noqa: E402
 
 from appo.cli import apply_overrides  # noqa: E402
 
 
-def _fixtures(tmp: Path) -> tuple[Path, dict[str, object]]:
-    """The mixed training file and one eval benchmark entry per format."""
-    vr1, vr1_root, seed, seed_root = write_two_layouts(tmp)
-    with seed.open("a", encoding="utf-8") as f:  # an image-only SEED-Bench-R1 line
-        f.write(json.dumps(seed_eval_lines()[0] | {"sample_id": "L1_1",
-                                                    "task_progress_metadata": []}) + "\n")
-    csv_path = write_nextgqa_release(tmp / "nextgqa")
-    gqa_json = write_json(tmp / "ann" / "nextgqa_val_3k3.json", [
-        appo_nextgqa_records()[0] | {"video_path": "/mnt/nextqa/0000/2574374895.mp4"}])
-    mixed = write_mixed_videor1(tmp)
-    videos = str(tmp / "nextgqa" / "videos")
-    benchmarks = {
-        "mvbench": {"path": str(vr1), "video_root": str(vr1_root)},
-        "seed_l1": {"path": str(seed), "video_root": str(seed_root)},
-        "nextgqa_csv": {"path": str(csv_path), "video_root": videos},
-        "nextgqa_json": {"path": str(gqa_json), "video_root": videos,
-                         "strip_prefix": "/mnt/nextqa"},
-        "videor1_mixed": str(mixed),
-    }
-    return mixed, benchmarks
-
-
 @pytest.mark.slow
 def test_every_format_through_dvc_repro(tmp_path: Path) -> None:
-    mixed, benchmarks = _fixtures(tmp_path / "media")
+    mixed, benchmarks = every_format_benchmarks(tmp_path / "media")
     repo = tmp_path / "repo"
     repo.mkdir()
-    import shutil
-
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("appo", "flows"):
         shutil.copytree(ROOT / name, repo / name, ignore=ignore)
@@ -80,7 +50,7 @@ def test_every_format_through_dvc_repro(tmp_path: Path) -> None:
           (repo / "outputs" / "rl" / "appo" / "metrics.jsonl").read_text().splitlines()]
     assert rl and all(row.get("appo/num_crucial_frames", 1) >= 1 for row in rl)
     metrics = json.loads((repo / "outputs" / "eval" / "appo" / "metrics.json").read_text())
-    assert {name: stats["n"] for name, stats in metrics["benchmarks"].items()} == {
-        "mvbench": 1, "seed_l1": 2, "nextgqa_csv": 2, "nextgqa_json": 1, "videor1_mixed": 3}
+    assert {name: stats["n"] for name, stats in metrics["benchmarks"].items()} == \
+        EVERY_FORMAT_COUNTS
     assert metrics["missing"] == []
     assert "mIoU" in metrics["benchmarks"]["nextgqa_csv"]

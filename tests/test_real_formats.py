@@ -520,11 +520,9 @@ def test_protocol_knob_sets_pixels_and_decoding(tmp_path: Path, tiny_policy) -> 
 # every format through the eval stage in one config
 
 
-def test_every_format_through_the_eval_stage(tmp_path: Path, tiny_policy, monkeypatch) -> None:
-    from appo.config import DataConfig, EvalConfig, FramesConfig, ModelConfig, from_dict
-    from appo.stages.eval import run
-
-    monkeypatch.setenv("APPO_MLFLOW", "0")
+def every_format_benchmarks(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """One fixture of every public format as ``eval.benchmarks`` entries, and the mixed
+    image+video Video-R1 file (which is also one of them)."""
     vr1, vr1_root, seed, seed_root = write_two_layouts(tmp_path)
     with seed.open("a", encoding="utf-8") as f:  # an image-only SEED-Bench-R1 line
         f.write(json.dumps(seed_eval_lines()[0] | {"sample_id": "L1_1",
@@ -533,22 +531,34 @@ def test_every_format_through_the_eval_stage(tmp_path: Path, tiny_policy, monkey
     gqa_json = write_json(tmp_path / "ann" / "nextgqa_val_3k3.json", [
         appo_nextgqa_records()[0] | {"video_path": "/mnt/nextqa/0000/2574374895.mp4"}])
     mixed = write_mixed_videor1(tmp_path)
-    cfg = from_dict(EvalConfig, {
-        "splits": [], "batch_size": 4, "max_new_tokens": 4, "perception_layers": [],
-        "benchmarks": {
-            "mvbench": {"path": str(vr1), "video_root": str(vr1_root)},
-            "seed_l1": {"path": str(seed), "video_root": str(seed_root)},
-            "nextgqa_csv": {"path": str(csv_path),
-                            "video_root": str(tmp_path / "nextgqa" / "videos")},
-            "nextgqa_json": {"path": str(gqa_json),
-                             "video_root": str(tmp_path / "nextgqa" / "videos"),
-                             "strip_prefix": "/mnt/nextqa"},
-            "videor1_mixed": str(mixed),
-        }}, "eval")
+    videos = str(tmp_path / "nextgqa" / "videos")
+    return mixed, {
+        "mvbench": {"path": str(vr1), "video_root": str(vr1_root)},
+        "seed_l1": {"path": str(seed), "video_root": str(seed_root)},
+        "nextgqa_csv": {"path": str(csv_path), "video_root": videos},
+        "nextgqa_json": {"path": str(gqa_json), "video_root": videos,
+                         "strip_prefix": "/mnt/nextqa"},
+        "videor1_mixed": str(mixed),
+    }
+
+
+#: questions per benchmark of :func:`every_format_benchmarks`
+EVERY_FORMAT_COUNTS = {"mvbench": 1, "seed_l1": 2, "nextgqa_csv": 2, "nextgqa_json": 1,
+                       "videor1_mixed": 3}
+
+
+def test_every_format_through_the_eval_stage(tmp_path: Path, tiny_policy, monkeypatch) -> None:
+    from appo.config import DataConfig, EvalConfig, FramesConfig, ModelConfig, from_dict
+    from appo.stages.eval import run
+
+    monkeypatch.setenv("APPO_MLFLOW", "0")
+    _, benchmarks = every_format_benchmarks(tmp_path)
+    cfg = from_dict(EvalConfig, {"splits": [], "batch_size": 4, "max_new_tokens": 4,
+                                 "perception_layers": [], "benchmarks": benchmarks}, "eval")
     metrics = run("tiny", "all", DataConfig(), FramesConfig(num_frames=4, workers=1),
                   ModelConfig(), cfg, tmp_path / "out", model_and_processor=tiny_policy)
-    assert {name: stats["n"] for name, stats in metrics["benchmarks"].items()} == {
-        "mvbench": 1, "seed_l1": 2, "nextgqa_csv": 2, "nextgqa_json": 1, "videor1_mixed": 3}
+    assert {name: stats["n"] for name, stats in metrics["benchmarks"].items()} == \
+        EVERY_FORMAT_COUNTS
     assert metrics["missing"] == []
     assert "mIoU" in metrics["benchmarks"]["nextgqa_csv"]
     assert "mIoU" in metrics["benchmarks"]["nextgqa_json"]

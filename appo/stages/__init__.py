@@ -54,14 +54,13 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
 
 def _pin_threads(argv: list[str]) -> None:
     """Apply params.yaml's ``threads`` (see :func:`appo.config.cpu_threads`) before any work."""
+    import argparse
+
     from appo.config import cpu_threads, load_yaml
 
-    path = "params.yaml"
-    for i, arg in enumerate(argv):
-        if arg == "--params" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--params="):
-            path = arg.split("=", 1)[1]
+    parser = argparse.ArgumentParser(add_help=False)  # only --params; the stage parses the rest
+    parser.add_argument("--params", default="params.yaml")
+    path = parser.parse_known_args(argv)[0].params
     if not os.path.isfile(path):
         return  # the stage itself reports a missing params file
     threads = cpu_threads(load_yaml(path), path)

@@ -59,8 +59,8 @@ if str(REPO) not in sys.path:  # `python benchmarks/rl_step.py` from anywhere
 from appo.config import AlgorithmConfig, RLConfig, TinyModelConfig, load_section  # noqa: E402
 from appo.data.frames import CachedVideo  # noqa: E402
 from appo.data.schema import VideoQA  # noqa: E402
-from appo.rl.frame_attention import FrameAttentionRecorder, frame_index_of_tokens  # noqa: E402
-from appo.rl.rollout import (  # noqa: E402
+from appo.engine.frame_attention import FrameAttentionRecorder, frame_index_of_tokens  # noqa: E402
+from appo.engine.rollout import (  # noqa: E402
     media_token_ids,
     repeat_prompts,
     stop_token_ids,

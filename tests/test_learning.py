@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from appo.config import AlgorithmConfig, PerceptionConfig, RLConfig
+from appo.engine.rollout import token_logprobs
 from appo.rl import objectives, perception
 from appo.rl import trainer as trainer_module
-from appo.rl.rollout import token_logprobs
 from appo.rl.trainer import RLTrainer
 
 # params.yaml presets' losses, without DAPO's reward shaping / resampling (they would change

@@ -10,7 +10,7 @@ import torch
 
 from appo.config import AlgorithmConfig, PerceptionConfig, RLConfig, TemporalConfig
 from appo.data.collate import encode_prompts
-from appo.rl.rollout import (
+from appo.engine.rollout import (
     concat_rollouts,
     generate,
     repeat_prompts,
@@ -230,7 +230,7 @@ def test_attention_and_weight_controls_in_the_trainer(fresh_policy, synthetic_da
     weight on every valid token."""
     import dataclasses
 
-    import appo.rl.frame_attention as frame_attention
+    import appo.engine.frame_attention as frame_attention
 
     model, processor = fresh_policy
     _, store, records = synthetic_data
@@ -412,7 +412,7 @@ def test_trainer_never_picks_a_shorter_videos_padded_frames(fresh_policy, synthe
     """In a micro-batch of videos with different numbers of temporal patches the recorder pads
     the shorter ones' frames (frame_valid False). The trainer must pass that mask on: here the
     first group's last frame is marked padding and given the largest attention."""
-    from appo.rl.frame_attention import FrameAttentionRecorder
+    from appo.engine.frame_attention import FrameAttentionRecorder
 
     model, processor = fresh_policy
     _, store, records = synthetic_data

@@ -14,8 +14,8 @@ import torch
 
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
-from appo.rl.frame_attention import frame_attention
-from appo.rl.rollout import Rollout
+from appo.engine.frame_attention import frame_attention
+from appo.engine.rollout import Rollout
 
 TEMPORAL_PATCH = 2  # Qwen2.5-VL merges 2 sampled frames into one temporal patch
 

@@ -29,10 +29,10 @@ from appo.config import AlgorithmConfig, RLConfig
 from appo.data.collate import encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
+from appo.engine.rollout import Rollout, concat_rollouts, generate, token_logprobs
 from appo.rl import objectives, temporal
 from appo.rl.perception import perception_weights, random_frame_attention, uniform_like
 from appo.rl.rewards import RewardSpec, score_responses
-from appo.rl.rollout import Rollout, concat_rollouts, generate, token_logprobs
 from appo.train import distributed as dist
 from appo.train.common import SkipCounter, clip_gradients, is_lora
 
@@ -255,7 +255,7 @@ class RLTrainer:
         perception = algo.perception.enabled and int(rows[0]) not in weights_cache
         recorder = None
         if perception and algo.perception.attention == "policy":  # random scores need no capture
-            from appo.rl.frame_attention import FrameAttentionRecorder
+            from appo.engine.frame_attention import FrameAttentionRecorder
 
             recorder = FrameAttentionRecorder(self.model, algo.perception.layers,
                                               algo.perception.query_chunk)
@@ -302,7 +302,7 @@ class RLTrainer:
 
     def _frames(self, inputs: dict) -> torch.Tensor:
         """Temporal patches of each row's video, 1 for an image-only row (``[B]``)."""
-        from appo.rl.frame_attention import frames_per_row
+        from appo.engine.frame_attention import frames_per_row
 
         return frames_per_row(self.model, inputs["input_ids"], inputs.get("video_grid_thw"))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from appo.data.collate import TOKEN_TYPES, VISUAL_KEYS
-from appo.rl.decoding import Sampling, decoder_for, unwrap
+from appo.engine.decoding import Sampling, decoder_for, unwrap
 
 
 @dataclass
@@ -241,7 +241,7 @@ def generate(
     """Sample ``num_samples`` responses per prompt: the rollout engine of RL and evaluation.
 
     Each prompt is prefilled once and its KV cache shared by its samples
-    (:mod:`appo.rl.decoding`). Sampling log-probs are log_softmax(logits / temperature) of the
+    (:mod:`appo.engine.decoding`). Sampling log-probs are log_softmax(logits / temperature) of the
     sampled token (top-p only decides which tokens may be drawn), the quantity the training
     forward computes, so the importance ratio starts at exactly 1 and mu = 1 needs no scoring
     forward. ``cache``: see :func:`resolve_cache`; with a static cache the prompts are

@@ -13,7 +13,7 @@
                    set: [rl.algorithms.appo.perception.w_max=1.35]}
 
 and, for every variant and seed, reproduces the ``eval@<algo>`` stages with ``dvc repro`` under
-an MLflow parent run (:func:`appo.cli.run_pipeline`): everything upstream comes from the DVC
+an MLflow parent run (:func:`appo.pipeline.run_pipeline`): everything upstream comes from the DVC
 cache (one data set, one SFT checkpoint for all), and DVC's run cache restores a (variant,
 seed) that ran before instead of training it again. After each run its results are copied to
 ``outputs/experiments/<name>/<variant>/seed-<s>/<algo>/``; :func:`aggregate` then writes
@@ -133,7 +133,7 @@ def collect_run(outputs: Path, dest: Path, algorithms: Sequence[str]) -> None:
 
 def dvc_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> None:
     """One run: ``dvc repro`` of the variant's eval stages (+ baselines) under MLflow."""
-    from appo.cli import run_pipeline
+    from appo.pipeline import run_pipeline
 
     targets = [f"eval@{a}" for a in variant.algorithms] + [f"eval@{b}" for b in BASELINES]
     run_pipeline(targets, project=project, overrides=overrides)

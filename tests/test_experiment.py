@@ -64,7 +64,7 @@ def test_shipped_experiments_load_and_name_real_presets(name):
     exp = Experiment.load(path)
     presets = set(yaml.safe_load((ROOT / "params.yaml").read_text())["rl"]["algorithms"])
     assert set(exp.algorithms) <= presets
-    from appo.cli import apply_overrides, validate_params
+    from appo.pipeline import apply_overrides, validate_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for variant, seed in exp.runs():  # every run's params are valid

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from appo.config import MISSING_POLICIES
 from appo.data.collate import encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
@@ -22,7 +23,6 @@ from appo.eval.protocol import PROTOCOLS, Protocol
 
 __all__ = ["MISSING_POLICIES", "HitRateFn", "evaluate", "missing_reason"]
 
-MISSING_POLICIES = ("wrong", "exclude")
 
 # Perception hook: called once per batch with (model, processor, batch records, greedy rollout,
 # frame store); returns one value per question: True if the policy's attention hit the key

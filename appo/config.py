@@ -392,6 +392,13 @@ class AlgorithmConfig:
         if self.beta < 0 or self.perception.w_max < 1:
             raise ConfigError("beta must be >= 0 and perception.w_max >= 1")
 
+    @property
+    def correct_threshold(self) -> float:
+        """Accuracy reward at which a response counts as correct: the training accuracy
+        logged for every algorithm, and APPO's split of a group into S1 / S2
+        (``perception.tau``)."""
+        return self.perception.tau
+
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
@@ -429,6 +436,7 @@ class RLConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     save_every: int = 10
+    keep_checkpoints: int = 2  # newest checkpoints kept under <out_dir>/<algo>/checkpoints
     max_bad_steps: int = 5
     seed: int = 0
     mixed_precision: str = "auto"  # auto (bf16 autocast on CUDA, none on CPU) | no | bf16
@@ -456,7 +464,8 @@ class RLConfig:
                  f"one of {', '.join(CACHE_MODES)}")
         _require(self.long_prompts in LONG_PROMPTS, "long_prompts", self.long_prompts,
                  f"one of {', '.join(LONG_PROMPTS)}")
-        for name in ("lr", "weight_decay", "warmup_steps", "save_every", "max_bad_steps"):
+        for name in ("lr", "weight_decay", "warmup_steps", "save_every", "keep_checkpoints",
+                     "max_bad_steps"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
 
     def algorithm(self, name: str) -> AlgorithmConfig:

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from appo.config import BASELINES
 from appo.pipeline import die_with_parent, dvc_command, params_installed, stage_env, working_dir
 
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
              "Connection reset", "Cannot allocate memory", "Killed")
-VARIANTS_WITHOUT_RL = ("base", "sft")  # eval@ items that are not RL algorithms
+VARIANTS_WITHOUT_RL = BASELINES  # eval@ items that are not RL algorithms
 
 
 # DVC's closing advice after each stage ("To track the changes with git, run: git add ...",

@@ -14,11 +14,11 @@ from appo.experiment import (
     Experiment,
     aggregate,
     collect_run,
-    mean_ci,
     render_markdown,
     run_dir,
     run_overrides,
 )
+from appo.stats import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 

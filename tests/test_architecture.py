@@ -120,3 +120,57 @@ def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer_of("appo.rl.trainer") > layer_of("appo.engine.rollout") > layer_of("appo.config")
 
+
+# --------------------------------------------------------------------------------------------
+# dvc.yaml deps: a stage reruns when any code that shapes its outputs changes
+
+#: Modules a stage imports that do not shape its outputs (logging, the runner's environment,
+#: the stage wrapper's error messages): left out of the deps so that editing them retrains
+#: nothing (dvc.yaml's header says so).
+NOT_SHAPING = {"appo.tracking", "appo.mlflow_setup", "appo.pipeline", "appo.stages"}
+
+
+def stage_closure(module: str, graph: dict[str, set[str]]) -> set[str]:
+    """``module``, everything it imports transitively, and the packages above each of them
+    (their ``__init__`` runs on import); modules in :data:`NOT_SHAPING` are not followed."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NOT_SHAPING:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(2, len(parts))]  # parent packages
+        todo += sorted(graph.get(name, ()))
+    return seen
+
+
+def test_dvc_deps_cover_each_stages_imports() -> None:
+    """Every file a stage's module imports (transitively) is a dep of the stage, or inside a
+    dep folder: a new import cannot leave a stage's deps stale."""
+    import re
+
+    import yaml
+
+    modules = all_modules()
+    graph = import_graph()
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        cmd = " ".join(body["cmd"]) if isinstance(body["cmd"], list) else body["cmd"]
+        found = re.search(r"python -m (appo\.stages\.\w+)", cmd)
+        assert found, f"stage {name}: no `python -m appo.stages.<stage>` in its cmd"
+        deps = [str(d).rstrip("/") for d in body.get("deps", [])]
+        for mod in sorted(stage_closure(found.group(1), graph)):
+            path = modules[mod].relative_to(ROOT).as_posix()
+            if not any(path == d or path.startswith(d + "/") for d in deps):
+                missing.append(f"{name}: {path}")
+    assert not missing, "dvc.yaml deps miss imported code:\n" + "\n".join(missing)
+
+
+def test_the_dvc_deps_check_follows_imports_and_parents() -> None:
+    graph = {"appo.stages.x": {"appo.a.b", "appo.tracking"}, "appo.a.b": {"appo.c"}}
+    assert stage_closure("appo.stages.x", graph) == {"appo.stages.x", "appo.a.b", "appo.a",
+                                                     "appo.c"}

@@ -102,15 +102,12 @@ def compare_from_mlflow(experiment: str | None = None, all_runs: bool = False):
 
 def format_table(df) -> str:
     """Accuracy per benchmark as ``% [95% CI]``, rates in %, reward and seconds as numbers."""
-    import math
-
     import pandas as pd
+
+    from appo.tables import num
 
     if df.empty:
         return "(no results)"
-
-    def num(x: Any, fmt: str) -> str:
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
     out = pd.DataFrame(index=df.index)
     if "pipeline" in df:  # a run id: its first 8 characters (variant names stay whole)

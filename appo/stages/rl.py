@@ -33,7 +33,7 @@ from appo.rl.trainer import RLTrainer
 from appo.stages import stage_main
 from appo.train import common
 from appo.train import distributed as dist
-from appo.train.loop import Loop, find_checkpoint
+from appo.train.loop import Loop, find_checkpoint, resume_knobs
 from appo.train.loop import run as run_loop
 
 # Knobs that may change between a crash and its resume without invalidating the checkpoint.
@@ -42,7 +42,7 @@ MODULE = "appo.stages.rl"
 
 
 def _fingerprint(cfg: RLConfig, algo_name: str, seed: int) -> str:
-    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE}
+    knobs = resume_knobs(cfg, RESUME_SAFE)
     knobs["algorithms"] = {algo_name: knobs["algorithms"][algo_name]}
     return common.config_fingerprint({"rl": knobs, "algo": algo_name, "seed": seed})
 

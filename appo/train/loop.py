@@ -19,6 +19,7 @@ trainable weights, optimizer, scheduler, every RNG state and the task's own stat
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable
@@ -70,6 +71,13 @@ class Loop:
     @property
     def checkpoints(self) -> Path:
         return Path(self.out_dir) / "checkpoints"
+
+
+def resume_knobs(cfg: Any, resume_safe: set[str]) -> dict[str, Any]:
+    """The fields of config dataclass ``cfg`` that a checkpoint's fingerprint covers: all but
+    ``resume_safe``, the knobs that may change between a crash and its resume (steps, how
+    often to save, ...) without changing the result."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in resume_safe}
 
 
 def find_checkpoint(loop: Loop) -> tuple[Path, dict[str, Any]] | None:

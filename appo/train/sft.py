@@ -36,11 +36,11 @@ from appo.data.frames import FrameStore
 from appo.data.prompts import target_text
 from appo.data.schema import VideoQA
 from appo.train import common
-from appo.train.loop import Loop, find_checkpoint
+from appo.train.loop import Loop, find_checkpoint, resume_knobs
 from appo.train.loop import run as run_loop
 
 # Knobs that may change between a run and its resumption (they do not change the result).
-RESUME_SAFE_KEYS = ("save_every", "keep_checkpoints", "resume", "out_dir")
+RESUME_SAFE = {"save_every", "keep_checkpoints", "resume", "out_dir"}
 RECENT = 10  # final_loss = mean over the last RECENT good steps
 
 
@@ -102,7 +102,7 @@ def freeze_vision(cfg: SFTConfig, model: torch.nn.Module) -> bool:
 
 
 def _fingerprint(cfg: SFTConfig, start: str, records: Sequence[VideoQA], seed: int) -> str:
-    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE_KEYS}
+    knobs = resume_knobs(cfg, RESUME_SAFE)
     ids = hashlib.sha256("\n".join(qa.problem_id for qa in records).encode()).hexdigest()
     return common.config_fingerprint({"cfg": knobs, "start": str(start), "data": ids, "seed": seed})
 

@@ -16,6 +16,45 @@ from typing import Any
 
 import yaml
 
+# --------------------------------------------------------------------------------------------
+# Allowed values and shared defaults: written once here, imported by the modules that use them
+# (this module imports nothing of appo, so every layer can read it).
+
+DATA_SOURCES: tuple[str, ...] = ("synthetic", "files")
+#: ``sft.mixed_precision`` / ``rl.mixed_precision``: bf16 autocast on CUDA for ``auto``.
+MIXED_PRECISIONS: tuple[str, ...] = ("auto", "no", "bf16")
+#: Loss aggregation over tokens (:func:`appo.rl.objectives.aggregate`).
+AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+#: How APPO's token weights enter the loss (:func:`appo.rl.objectives.policy_loss`).
+WEIGHT_MODES: tuple[str, ...] = ("multiply", "additive")
+#: APPO crucial-frame selection (paper names; the authors' code calls ``all`` "force-all" and
+#: ``soft`` "hard"; the paper's ``hard`` has no code path there).
+SELECT_LEVELS: tuple[str, ...] = ("all", "soft", "hard")
+SELECT_STRATEGIES: tuple[str, ...] = ("topk-union", "all")
+#: Where APPO's frame attention comes from: the policy's own, or seeded random scores (control).
+ATTENTION_SOURCES: tuple[str, ...] = ("policy", "random")
+#: How APPO's weights are placed: by divergence (APPO), or the group's mean everywhere (control).
+WEIGHT_PLACEMENTS: tuple[str, ...] = ("divergence", "uniform")
+#: T-GRPO's bonus condition: ``ratio`` p >= ratio * p~ (published code), ``greater`` p > p~.
+TEMPORAL_CONDITIONS: tuple[str, ...] = ("ratio", "greater")
+#: Rollout KV cache: ``auto`` = static + compiled decoding on CUDA, dynamic elsewhere.
+CACHE_MODES: tuple[str, ...] = ("auto", "static", "dynamic")
+#: What the RL stage does with a question whose prompt is over ``rl.max_prompt_tokens``.
+LONG_PROMPTS: tuple[str, ...] = ("drop", "error")
+#: ``eval.missing``: a question whose video is missing scores 0, or is left out (still listed).
+MISSING_POLICIES: tuple[str, ...] = ("wrong", "exclude")
+#: ``eval.protocol`` names (their settings: :data:`appo.eval.protocol.PROTOCOLS`).
+EVAL_PROTOCOLS: tuple[str, ...] = ("pipeline", "videor1", "appo")
+#: Reward components a ``rl.reward_weights`` key may name (:mod:`appo.rl.rewards`).
+REWARD_COMPONENTS: tuple[str, ...] = ("accuracy", "format", "iou")
+#: The published APPO reward mix (``rl.reward_weights`` default).
+DEFAULT_REWARD_WEIGHTS: dict[str, float] = {"accuracy": 0.9, "format": 0.1}
+#: Language-model projections that get LoRA adapters.
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj")
+#: Variants evaluated once, independently of the RL seed (their own eval stages).
+BASELINES: tuple[str, ...] = ("base", "sft")
+
 
 class ConfigError(ValueError):
     """params.yaml is malformed: the message names the dotted key and what was expected.
@@ -99,8 +138,8 @@ class DataConfig:
     strip_prefix: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.source in ("synthetic", "files"), "source", self.source,
-                 "one of synthetic, files")
+        _require(self.source in DATA_SOURCES, "source", self.source,
+                 f"one of {', '.join(DATA_SOURCES)}")
 
 
 @dataclass
@@ -299,8 +338,6 @@ class PerceptionConfig:
     query_chunk: int = 128
 
     def __post_init__(self) -> None:
-        from appo.rl.perception import ATTENTION_SOURCES, WEIGHT_PLACEMENTS
-
         _one_of("attention", self.attention, ATTENTION_SOURCES)
         _one_of("weights", self.weights, WEIGHT_PLACEMENTS)
         if self.K is not None and self.K_fraction is not None:
@@ -354,14 +391,11 @@ class AlgorithmConfig:
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
 
     def __post_init__(self) -> None:
-        from appo.rl.objectives import AGG_MODES, WEIGHT_MODES
-        from appo.rl.perception import SELECT_LEVELS, SELECT_STRATEGIES
-
         _one_of("agg_mode", self.agg_mode, AGG_MODES)
         _one_of("weight_mode", self.weight_mode, WEIGHT_MODES)
         _one_of("perception.select_level", self.perception.select_level, SELECT_LEVELS)
         _one_of("perception.select_strategy", self.perception.select_strategy, SELECT_STRATEGIES)
-        _one_of("temporal.condition", self.temporal.condition, ("ratio", "greater"))
+        _one_of("temporal.condition", self.temporal.condition, TEMPORAL_CONDITIONS)
         if not 0 < self.temporal.shuffled_fraction <= 1:
             raise ConfigError("temporal.shuffled_fraction must be in (0, 1]")
         if not 0 <= self.clip_low < 1 or not 0 <= self.clip_high:
@@ -373,14 +407,17 @@ class AlgorithmConfig:
         if self.beta < 0 or self.perception.w_max < 1:
             raise ConfigError("beta must be >= 0 and perception.w_max >= 1")
 
+    @property
+    def correct_threshold(self) -> float:
+        """Accuracy reward at which a response counts as correct: the training accuracy
+        logged for every algorithm, and APPO's split of a group into S1 / S2
+        (``perception.tau``)."""
+        return self.perception.tau
+
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"'{name}' is {value!r}; expected one of {', '.join(allowed)}")
-
-
-#: What the RL stage does with a question whose prompt is over ``rl.max_prompt_tokens``.
-LONG_PROMPTS = ("drop", "error")
 
 
 @dataclass
@@ -407,13 +444,14 @@ class RLConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     reward_weights: dict[str, float] = field(
-        default_factory=lambda: {"accuracy": 0.9, "format": 0.1})
+        default_factory=lambda: dict(DEFAULT_REWARD_WEIGHTS))
     freeze_vision: bool = True
     gradient_checkpointing: bool = False
     lora: bool = False  # LoRA on the language model; the reference policy = adapters disabled
     lora_r: int = 16
     lora_alpha: int = 32
     save_every: int = 10
+    keep_checkpoints: int = 2  # newest checkpoints kept under <out_dir>/<algo>/checkpoints
     max_bad_steps: int = 5
     seed: int = 0
     mixed_precision: str = "auto"  # auto (bf16 autocast on CUDA, none on CPU) | no | bf16
@@ -429,7 +467,7 @@ class RLConfig:
         for name in ("steps", "prompts_per_step", "groups_per_micro_batch", "num_iterations",
                      "max_new_tokens", "max_prompt_tokens"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
+        if self.mixed_precision not in MIXED_PRECISIONS:
             raise ConfigError(f"'rl.mixed_precision' is {self.mixed_precision!r}; expected "
                               "auto, no or bf16")
         if self.num_processes < 0:
@@ -437,9 +475,12 @@ class RLConfig:
         _require(self.temperature > 0, "temperature", self.temperature,
                  "> 0 (sampling needs a positive temperature)")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _require(self.rollout_cache in CACHE_MODES, "rollout_cache", self.rollout_cache,
+                 f"one of {', '.join(CACHE_MODES)}")
         _require(self.long_prompts in LONG_PROMPTS, "long_prompts", self.long_prompts,
                  f"one of {', '.join(LONG_PROMPTS)}")
-        for name in ("lr", "weight_decay", "warmup_steps", "save_every", "max_bad_steps"):
+        for name in ("lr", "weight_decay", "warmup_steps", "save_every", "keep_checkpoints",
+                     "max_bad_steps"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
 
     def algorithm(self, name: str) -> AlgorithmConfig:
@@ -502,8 +543,7 @@ class SFTConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | no | bf16
     train_dtype: str = "float32"  # trained (master) weights: float32 | bfloat16 | auto (bf16 on CUDA)
     save_every: int = 100  # optimizer steps between resumable checkpoints (0 = never)

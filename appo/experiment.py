@@ -13,7 +13,7 @@
                    set: [rl.algorithms.appo.perception.w_max=1.35]}
 
 and, for every variant and seed, reproduces the ``eval@<algo>`` stages with ``dvc repro`` under
-an MLflow parent run (:func:`appo.cli.run_pipeline`): everything upstream comes from the DVC
+an MLflow parent run (:func:`appo.pipeline.run_pipeline`): everything upstream comes from the DVC
 cache (one data set, one SFT checkpoint for all), and DVC's run cache restores a (variant,
 seed) that ran before instead of training it again. After each run its results are copied to
 ``outputs/experiments/<name>/<variant>/seed-<s>/<algo>/``; :func:`aggregate` then writes
@@ -34,14 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from appo.config import ConfigError, load_yaml
+from appo.config import BASELINES, ConfigError, load_yaml
 from appo.io import atomic_path, atomic_write_json, atomic_write_text
-
-# two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (normal beyond)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-BASELINES = ("base", "sft")  # seed-independent rows (their own eval stages)
+from appo.stats import mean_ci, paired_bootstrap
+from appo.tables import markdown, num, pct
 
 
 @dataclass
@@ -133,7 +129,7 @@ def collect_run(outputs: Path, dest: Path, algorithms: Sequence[str]) -> None:
 
 def dvc_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> None:
     """One run: ``dvc repro`` of the variant's eval stages (+ baselines) under MLflow."""
-    from appo.cli import run_pipeline
+    from appo.pipeline import run_pipeline
 
     targets = [f"eval@{a}" for a in variant.algorithms] + [f"eval@{b}" for b in BASELINES]
     run_pipeline(targets, project=project, overrides=overrides)
@@ -169,19 +165,6 @@ def run_experiment(path: str | Path, *, project: str | Path = ".", only: str | N
 # aggregation (pure: reads the copied results)
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, half-width of the two-sided 95% Student-t interval); nan width for one value."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(values) / n
-    if n == 1:
-        return mean, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    return mean, t * sd / math.sqrt(n)
-
-
 def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -202,9 +185,7 @@ def paired_difference(a: dict[int, dict[str, float]], b: dict[int, dict[str, flo
                       ) -> dict[str, Any] | None:
     """Accuracy difference a - b over the questions both answered, on the seeds both ran
     (a seed-independent baseline such as SFT, given as one seed, pairs with every seed), with
-    the seeds-and-questions bootstrap of :func:`appo.eval.stats.paired_bootstrap`."""
-    from appo.eval.stats import paired_bootstrap
-
+    the seeds-and-questions bootstrap of :func:`appo.stats.paired_bootstrap`."""
     if not a or not b:
         return None
     seeds = sorted(set(a) & set(b)) if len(b) > 1 else sorted(a)
@@ -294,11 +275,11 @@ def aggregate(exp: Experiment, root: Path) -> dict[str, Any]:
     return result
 
 
-def _pct(mean_half: tuple[float, float] | list[float]) -> str:
+def _mean_ci(mean_half: tuple[float, float] | list[float]) -> str:
+    """``mean ± half`` in %, or the mean alone when the interval is undefined (one seed)."""
     mean, half = mean_half
-    if isinstance(half, float) and math.isnan(half):
-        return f"{100 * mean:.1f}"
-    return f"{100 * mean:.1f} ± {100 * half:.1f}"
+    return pct(mean) if isinstance(half, float) and math.isnan(half) else \
+        f"{pct(mean)} ± {pct(half)}"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -306,26 +287,19 @@ def render_markdown(result: dict[str, Any]) -> str:
     families = sorted({f for row in table.values() for f in row["families"]})
     head = ["variant", "seeds", f"{result['split']} acc % (95% CI over seeds)", *families,
             "perception hit %", "RL accuracy AUC %", "train time s"]
-    lines = [f"# Experiment `{result['name']}` ({result['split']} split)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, b in baselines.items():
-        fams = [f"{100 * b['families'][f]:.1f}" if f in b["families"] else "-" for f in families]
-        hit = b.get("perception_hit_rate")
-        lines.append("| " + " | ".join([name, "-", f"{100 * b['accuracy']:.1f}", *fams,
-                                        "-" if hit is None else f"{100 * hit:.1f}", "-", "-"])
-                     + " |")
+        fams = [pct(b["families"][f]) if f in b["families"] else "-" for f in families]
+        rows.append([name, "-", pct(b["accuracy"]), *fams, pct(b.get("perception_hit_rate")),
+                     "-", "-"])
     for name, row in table.items():
-        fams = [_pct(row["families"][f]) if f in row["families"] else "-" for f in families]
-
-        def num(x, fmt):
-            return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
-
-        lines.append("| " + " | ".join([
-            name, ",".join(map(str, row["seeds"])), _pct(row["accuracy"]), *fams,
-            num(None if row["perception_hit_rate"] is None else 100 * row["perception_hit_rate"],
-                ".1f"),
-            _pct(row["rl_accuracy_auc"]) if row.get("rl_accuracy_auc") else "-",
-            num(row["train_time_s"], ".1f")]) + " |")
+        fams = [_mean_ci(row["families"][f]) if f in row["families"] else "-" for f in families]
+        rows.append([name, ",".join(map(str, row["seeds"])), _mean_ci(row["accuracy"]), *fams,
+                     pct(row["perception_hit_rate"]),
+                     _mean_ci(row["rl_accuracy_auc"]) if row.get("rl_accuracy_auc") else "-",
+                     num(row["train_time_s"], ".1f")])
+    lines = [f"# Experiment `{result['name']}` ({result['split']} split)", "",
+             *markdown(head, rows, text_columns=2)[:-1]]
     if result["differences"]:
         lines += ["", "Paired differences in accuracy points: mean, 95% bootstrap interval over "
                   "seeds and questions, and the minimal detectable effect (80% power):", ""]

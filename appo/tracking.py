@@ -150,6 +150,9 @@ class NullLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
     def __enter__(self) -> NullLogger:
         return self
 

@@ -59,8 +59,8 @@ if str(REPO) not in sys.path:  # `python benchmarks/rl_step.py` from anywhere
 from appo.config import AlgorithmConfig, RLConfig, TinyModelConfig, load_section  # noqa: E402
 from appo.data.frames import CachedVideo  # noqa: E402
 from appo.data.schema import VideoQA  # noqa: E402
-from appo.rl.frame_attention import FrameAttentionRecorder, frame_index_of_tokens  # noqa: E402
-from appo.rl.rollout import (  # noqa: E402
+from appo.engine.frame_attention import FrameAttentionRecorder, frame_index_of_tokens  # noqa: E402
+from appo.engine.rollout import (  # noqa: E402
     media_token_ids,
     repeat_prompts,
     stop_token_ids,
@@ -367,7 +367,7 @@ class Bench:
         trainer = self.rollout_trainers[name]
         capture, weights, forward = 0.0, 0.0, 0.0
         self.model.eval()
-        for rows in trainer._micro_batches(batch):
+        for rows in trainer.micro_batches(batch):
             part = batch.rollout.select(rows)
             inputs = {k: v.to(self.device) for k, v in part.model_inputs().items()}
             response = part.response_ids.to(self.device)
@@ -376,12 +376,12 @@ class Bench:
             recorder.prepare(inputs["input_ids"], inputs["attention_mask"],
                              inputs["video_grid_thw"], part.prompt_ids.shape[1], response.shape[1])
             hook_time = [0.0]
-            accumulate = recorder._accumulate
+            accumulate = recorder.accumulate
 
             def timed_accumulate(*args, _acc=accumulate, _t=hook_time):
                 _t[0] += timed(self.device, _acc, *args)[0]
 
-            recorder._accumulate = timed_accumulate  # the hooks look it up on the instance
+            recorder.accumulate = timed_accumulate  # the hooks look it up on the instance
             with recorder, torch.no_grad():
                 seconds, (logp, hidden) = timed(self.device, token_logprobs, self.model, inputs,
                                                 response, self.cfg.temperature)
@@ -391,7 +391,7 @@ class Bench:
             with torch.no_grad():
                 group_records = [batch.records[i]
                                  for i in rows[:: trainer.cfg.num_generations].tolist()]
-                seconds, _ = timed(self.device, trainer._perception_weights, attn, mask,
+                seconds, _ = timed(self.device, trainer.weighter.weights, attn, mask,
                                    batch.correct[rows], hidden, logp, group_records)
             weights += seconds
             del logp, hidden, attn

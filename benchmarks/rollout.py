@@ -10,7 +10,7 @@ Variants (same model, same prompt):
   prefilled (what the pipeline did before its own engine);
 * ``HF generate, static``: the same with ``cache_implementation="static"`` (transformers
   compiles its decoding step on CUDA);
-* ``ours, dynamic``: :func:`appo.rl.rollout.generate`'s engine, each prompt prefilled once and
+* ``ours, dynamic``: :func:`appo.engine.rollout.generate`'s engine, each prompt prefilled once and
   its KV cache shared by the G samples, growing cache, no compilation (the CPU default);
 * ``ours, static + compiled``: the same with a preallocated static cache and the compiled
   one-token step (CUDA graphs on CUDA; the GPU default).
@@ -43,8 +43,8 @@ import rl_step as rb  # noqa: E402  (shared model presets and measuring helpers)
 
 from appo.config import TinyModelConfig  # noqa: E402
 from appo.data.collate import encode_prompts  # noqa: E402
-from appo.rl import decoding  # noqa: E402
-from appo.rl.rollout import media_token_ids, pad_to_bucket, repeat_prompts  # noqa: E402
+from appo.engine import decoding  # noqa: E402
+from appo.engine.rollout import media_token_ids, pad_to_bucket, repeat_prompts  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ The whole run is one MLflow parent run; every stage's run nests under it.
 
 Parameters: ``algorithms`` (a subset of the DAG's ``rl@`` items; default all), ``params_file``
 and ``overrides`` (``dotted.key=value``, applied to a validated temporary copy that stands in
-for params.yaml during the run, see :func:`appo.cli.params_installed`), ``force``,
+for params.yaml during the run, see :func:`appo.pipeline.params_installed`), ``force``,
 ``keep_params``. A transient failure (killed process, lock or database contention) is retried.
 
     python -m flows.pipeline                                  # make run; no server needed
@@ -27,12 +27,13 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from appo.cli import die_with_parent, dvc_command, params_installed, stage_env, working_dir
+from appo.config import BASELINES
+from appo.pipeline import die_with_parent, dvc_command, params_installed, stage_env, working_dir
 from flows.progress import RunClock, fmt_duration
 
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
              "Connection reset", "Cannot allocate memory", "Killed")
-VARIANTS_WITHOUT_RL = ("base", "sft")  # eval@ items that are not RL algorithms
+VARIANTS_WITHOUT_RL = BASELINES  # eval@ items that are not RL algorithms
 
 
 # DVC's closing advice after each stage ("To track the changes with git, run: git add ...",
@@ -173,7 +174,7 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
         keep_params: keep the effective params.yaml afterwards (default: restore the original).
         project_dir: the project (the folder holding dvc.yaml).
     """
-    from appo.cli import compare
+    from appo.compare import compare
     from appo.mlflow_setup import parent_run
 
     logger = get_run_logger()

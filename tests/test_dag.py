@@ -29,8 +29,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from appo.cli import apply_overrides, params_installed
 from appo.config import ConfigError, RLConfig
+from appo.pipeline import apply_overrides, params_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = [
@@ -149,7 +149,7 @@ def test_every_preset_is_trained_evaluated_and_reported():
 def test_compare_table_keeps_variant_names_whole():
     import pandas as pd
 
-    from appo.cli import format_table
+    from appo.compare import format_table
 
     df = pd.DataFrame({"pipeline": ["0123456789abcdef"] * 2, "variant": ["appo-random",
                                                                         "appo-uniform"]})
@@ -212,7 +212,7 @@ def test_dvc_experiment_runs_nest_under_an_experiment_parent(tmp_path, monkeypat
 
 
 def test_compare_and_report_say_where_each_row_comes_from(tmp_path, monkeypatch):
-    from appo.cli import compare
+    from appo.compare import compare
     from appo.stages.report import load_results, render_markdown
 
     monkeypatch.setenv("APPO_MLFLOW", "0")

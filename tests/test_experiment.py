@@ -14,11 +14,11 @@ from appo.experiment import (
     Experiment,
     aggregate,
     collect_run,
-    mean_ci,
     render_markdown,
     run_dir,
     run_overrides,
 )
+from appo.stats import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_shipped_experiments_load_and_name_real_presets(name):
     exp = Experiment.load(path)
     presets = set(yaml.safe_load((ROOT / "params.yaml").read_text())["rl"]["algorithms"])
     assert set(exp.algorithms) <= presets
-    from appo.cli import apply_overrides, validate_params
+    from appo.pipeline import apply_overrides, validate_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for variant, seed in exp.runs():  # every run's params are valid

@@ -479,12 +479,12 @@ def test_overlong_prompt_is_dropped_or_fails(tmp_path, micro_params, synthetic_d
 
 def test_killed_override_run_is_refused_by_stages_and_undone_by_the_next_run(tmp_path,
                                                                             monkeypatch):
-    from appo.cli import params_installed
+    from appo.pipeline import params_installed
     from appo.stages import data
 
     original = "# my comment\n" + (REPO / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(original)
-    code = ("import os, signal, sys; from appo.cli import params_installed\n"
+    code = ("import os, signal, sys; from appo.pipeline import params_installed\n"
             "with params_installed(sys.argv[1], 'params.yaml', ['rl.steps=3']):\n"
             "    os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_env())
@@ -503,7 +503,7 @@ def test_killed_override_run_is_refused_by_stages_and_undone_by_the_next_run(tmp
 
 _RUNNER = """
 import os, subprocess, sys
-from appo.cli import stage_env
+from appo.pipeline import stage_env
 child = ("import time; from appo.stages import stage_main\\n"
          "stage_main(lambda argv: time.sleep(120))([])")
 proc = subprocess.Popen([sys.executable, "-c", child], env=stage_env())
@@ -513,7 +513,7 @@ proc.wait()
 
 
 def test_stage_stops_when_its_runner_is_killed(tmp_path):
-    from appo.cli import alive
+    from appo.pipeline import alive
 
     runner = subprocess.Popen([sys.executable, "-c", _RUNNER], env=_env(), cwd=tmp_path,
                               stdout=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from appo.data.collate import encode_prompts
-from appo.rl.frame_attention import (
+from appo.engine.frame_attention import (
     FrameAttentionRecorder,
     decoder_layers,
     frame_attention,

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from appo.config import AlgorithmConfig, PerceptionConfig, RLConfig
+from appo.engine.rollout import token_logprobs
 from appo.rl import objectives, perception
-from appo.rl import trainer as trainer_module
-from appo.rl.rollout import token_logprobs
+from appo.rl import weighter as weighter_module
 from appo.rl.trainer import RLTrainer
 
 # params.yaml presets' losses, without DAPO's reward shaping / resampling (they would change
@@ -93,8 +93,8 @@ def test_appo_weights_scale_each_tokens_push(fresh_policy, synthetic_data, monke
         return w, info
 
     monkeypatch.setattr(perception, "perception_weights", spy_weights)
-    if hasattr(trainer_module, "perception_weights"):  # imported by name into the trainer
-        monkeypatch.setattr(trainer_module, "perception_weights", spy_weights)
+    if hasattr(weighter_module, "perception_weights"):  # imported by name into the weighter
+        monkeypatch.setattr(weighter_module, "perception_weights", spy_weights)
 
     real_loss = objectives.policy_loss
     signature = inspect.signature(real_loss)

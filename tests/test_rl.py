@@ -10,14 +10,15 @@ import torch
 
 from appo.config import AlgorithmConfig, PerceptionConfig, RLConfig, TemporalConfig
 from appo.data.collate import encode_prompts
-from appo.rl.rollout import (
+from appo.engine.rollout import (
     concat_rollouts,
     generate,
     repeat_prompts,
     response_mask_from_ids,
     token_logprobs,
 )
-from appo.rl.trainer import PromptSampler, RLTrainer
+from appo.rl.batch import PromptSampler
+from appo.rl.trainer import RLTrainer
 
 GRPO = AlgorithmConfig()
 DAPO = AlgorithmConfig(clip_high=0.28, agg_mode="token-mean", beta=0.0, dynamic_sampling=True,
@@ -210,7 +211,7 @@ def test_appo_with_unit_weights_is_exactly_dapo(fresh_policy, synthetic_data):
     for algo in (unit, dapo):
         trainer = RLTrainer(model, processor, cfg, algo, records["rl"], store)
         model.zero_grad()
-        loss, stats = trainer._loss(batch, rows, {})
+        loss, stats = trainer.micro_batch_loss(batch, rows)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()
                                       if p.grad is not None]))
@@ -230,7 +231,7 @@ def test_attention_and_weight_controls_in_the_trainer(fresh_policy, synthetic_da
     weight on every valid token."""
     import dataclasses
 
-    import appo.rl.frame_attention as frame_attention
+    import appo.engine.frame_attention as frame_attention
 
     model, processor = fresh_policy
     _, store, records = synthetic_data
@@ -247,23 +248,22 @@ def test_attention_and_weight_controls_in_the_trainer(fresh_policy, synthetic_da
     mask = batch.rollout.response_mask.bool()
     grid = batch.rollout.model_inputs()["video_grid_thw"][:, 0]  # temporal patches per row
     trainer = RLTrainer(model, processor, cfg, control(attention="random"), records["rl"], store)
-    attn, frame_valid = trainer._random_attention(mask, grid, rows)
+    random = trainer.weighter.random_attention  # (mask, frames, global group indices, step)
+    attn, frame_valid = random(mask, grid, [0, 1], 0)
     assert attn.shape == (8, mask.shape[1], frame_valid.shape[1]) and frame_valid.all()
-    assert torch.equal(attn, trainer._random_attention(mask, grid, rows)[0])
+    assert torch.equal(attn, random(mask, grid, [0, 1], 0)[0])
     assert (attn[~mask] == 0).all() and (attn[mask] > 0).all()
-    assert torch.equal(trainer._random_attention(mask[4:], grid[4:], rows[4:])[0], attn[4:])
+    assert torch.equal(random(mask[4:], grid[4:], [1], 0)[0], attn[4:])
     assert not torch.equal(attn[:4], attn[4:])
-    trainer.steps_done = 1
-    assert not torch.equal(trainer._random_attention(mask, grid, rows)[0], attn)
+    assert not torch.equal(random(mask, grid, [0, 1], 1)[0], attn)
     with monkeypatch.context() as m:
         m.setattr(frame_attention, "FrameAttentionRecorder", None)  # no capture
-        loss, stats = trainer._loss(batch, rows[:4], {})
+        loss, stats = trainer.micro_batch_loss(batch, rows[:4])
     assert torch.isfinite(loss) and stats["appo/num_crucial_frames"] >= 1
 
-    cache: dict = {}
     uniform = RLTrainer(model, processor, cfg, control(weights="uniform"), records["rl"], store)
-    _, stats = uniform._loss(batch, rows[:4], cache)
-    w = cache[0][mask[:4]]
+    _, stats = uniform.micro_batch_loss(batch, rows[:4])
+    w = uniform.weighter.cached(0)[mask[:4]]
     assert torch.equal(w, w[:1].expand_as(w)) and float(w[0]) >= 1.0
     assert stats["appo/weight_max"] == stats["appo/weight_mean"] == pytest.approx(float(w[0]))
 
@@ -364,7 +364,7 @@ def test_micro_batching_does_not_change_the_update(fresh_policy, synthetic_data,
         params = [p for p in policy.parameters() if p.requires_grad]
         trainer = RLTrainer(policy, processor, cfg, algo, records["rl"], store,
                             optimizer=torch.optim.SGD(params, lr=cfg.lr))
-        assert len(trainer._micro_batches(batch)) == 3 // groups
+        assert len(trainer.micro_batches(batch)) == 3 // groups
         metrics = trainer.update(batch)
         results.append((metrics, {n: (p.grad.clone(), p.detach().clone())
                                   for n, p in policy.named_parameters() if p.grad is not None}))
@@ -384,6 +384,7 @@ def test_appo_weights_grad_with_several_iterations(micro_params, monkeypatch):
     time" before)."""
     import yaml
 
+    from appo.rl.weighter import PerceptionWeighter
     from appo.stages import rl
 
     monkeypatch.setenv("APPO_MLFLOW", "0")
@@ -393,14 +394,14 @@ def test_appo_weights_grad_with_several_iterations(micro_params, monkeypatch):
     body["rl"]["algorithms"]["appo"]["dynamic_sampling"] = False
     params.write_text(yaml.safe_dump(body))
     calls = []
-    real = RLTrainer._perception_weights
+    real = PerceptionWeighter.weights
 
     def spy(self, *args, **kwargs):
         w, stats = real(self, *args, **kwargs)
         calls.append(w.requires_grad)
         return w, stats
 
-    monkeypatch.setattr(RLTrainer, "_perception_weights", spy)
+    monkeypatch.setattr(PerceptionWeighter, "weights", spy)
     summary = rl.run(str(params), "appo", progress=False)
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["final_reward"])
     # 2 steps x 2 passes x 2 micro-batches (1 group each), every time with a graph
@@ -412,7 +413,7 @@ def test_trainer_never_picks_a_shorter_videos_padded_frames(fresh_policy, synthe
     """In a micro-batch of videos with different numbers of temporal patches the recorder pads
     the shorter ones' frames (frame_valid False). The trainer must pass that mask on: here the
     first group's last frame is marked padding and given the largest attention."""
-    from appo.rl.frame_attention import FrameAttentionRecorder
+    from appo.engine.frame_attention import FrameAttentionRecorder
 
     model, processor = fresh_policy
     _, store, records = synthetic_data
@@ -434,9 +435,9 @@ def test_trainer_never_picks_a_shorter_videos_padded_frames(fresh_policy, synthe
     monkeypatch.setattr(FrameAttentionRecorder, "result", padded)
     trainer = RLTrainer(model, processor, cfg, APPO, records["rl"], store)
     rows = torch.arange(batch.rollout.prompt_ids.shape[0])
-    _, stats = trainer._loss(batch, rows, {})
+    _, stats = trainer.micro_batch_loss(batch, rows)
     T = batch.rollout.visual["video_grid_thw"][0, 0].item()
-    first, second = trainer.last_crucial_frames
+    first, second = trainer.weighter.last_crucial_frames
     assert first and T - 1 not in first, first
     assert T - 1 in second  # group 1's last frame is real and the most attended
     assert stats["appo/num_crucial_frames"] >= 1

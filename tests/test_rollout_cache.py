@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from appo.data.collate import encode_prompts
-from appo.rl import decoding, rollout
-from appo.rl.decoding import Sampling, sample_next, top_p_filter
-from appo.rl.rollout import (
+from appo.engine import decoding, rollout
+from appo.engine.decoding import Sampling, sample_next, top_p_filter
+from appo.engine.rollout import (
     generate,
     media_token_ids,
     pad_to_bucket,

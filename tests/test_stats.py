@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from appo.eval.stats import mcnemar, minimal_detectable_effect, paired_bootstrap
+from appo.stats import mcnemar, minimal_detectable_effect, paired_bootstrap
 
 
 def test_mcnemar_exact_p_values():

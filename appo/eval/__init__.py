@@ -7,14 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from appo.eval.metrics import (
-    aggregate,
-    group_stats,
-    markdown_table,
-    mean_ci95,
-    score_prediction,
-    wilson_interval,
-)
+from appo.eval.metrics import aggregate, group_stats, markdown_table, score_prediction
+from appo.stats import mean_ci95, wilson_interval
 
 __all__ = [
     "MISSING_POLICIES",

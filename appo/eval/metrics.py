@@ -12,7 +12,7 @@ A *row* is one scored question: a dict with at least ``benchmark``, ``family``,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from appo.eval.protocol import videor1_answer, videor1_score
@@ -24,6 +24,8 @@ from appo.rl.rewards import (
     is_correct,
     normalize_choice,
 )
+from appo.stats import Z95, mean_ci95, wilson_interval
+from appo.tables import markdown, num, pct
 
 __all__ = [
     "Z95",
@@ -35,7 +37,6 @@ __all__ = [
     "wilson_interval",
 ]
 
-Z95 = 1.959963984540054  # two-sided 95% standard-normal quantile
 UNKNOWN = "unknown"  # group key for rows without a family
 
 
@@ -71,44 +72,6 @@ def score_prediction(qa: Any, response: str | None, scoring: str = "pipeline") -
         out["pred_spans"] = [list(s) for s in extract_time_spans(text)]
         out["iou"] = float(iou_reward(text, qa))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# confidence intervals
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n:
-
-    centre = (p + z^2/2n) / (1 + z^2/n), half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
-    ``n == 0`` gives (nan, nan).
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mean_ci95(values: Iterable[float | bool]) -> tuple[float, float, float]:
-    """(mean, lo, hi): Wilson interval when every value is 0/1, else mean +- 1.96 standard errors.
-
-    The standard error uses the sample standard deviation (ddof=1; 0 for a single value).
-    An empty input gives (nan, nan, nan).
-    """
-    vals = [float(v) for v in values]
-    n = len(vals)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    mean = sum(vals) / n
-    if all(v in (0.0, 1.0) for v in vals):
-        lo, hi = wilson_interval(int(sum(vals)), n)
-        return mean, lo, hi
-    var = sum((v - mean) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
-    half = Z95 * math.sqrt(var / n)
-    return mean, mean - half, mean + half
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,13 +153,9 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # markdown
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def _ci(ci: Sequence[float | None]) -> str:
     lo, hi = ci
-    return "-" if lo is None or hi is None else f"[{_pct(lo)}, {_pct(hi)}]"
+    return "-" if lo is None or hi is None else f"[{pct(lo)}, {pct(hi)}]"
 
 
 def _table(title: str, label: str, groups: dict[str, dict[str, Any]]) -> list[str]:
@@ -206,18 +165,17 @@ def _table(title: str, label: str, groups: dict[str, dict[str, Any]]) -> list[st
     head += ["mIoU %"] if has_iou else []
     head += ["perception hit %"] if has_hit else []
     head += ["missing"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    rows = []
     for name, s in groups.items():
-        cells = [name.replace("|", "\\|"), str(s["n"]), _pct(s["accuracy"]), _ci(s["ci95"]),
-                 "-" if s["reward"] is None else f"{s['reward']:.3f}"]
+        cells = [name.replace("|", "\\|"), str(s["n"]), pct(s["accuracy"]), _ci(s["ci95"]),
+                 num(s["reward"])]
         if has_iou:
-            cells.append(_pct(s.get("mIoU")))
+            cells.append(pct(s.get("mIoU")))
         if has_hit:
-            cells.append(_pct(s.get("perception_hit_rate")))
+            cells.append(pct(s.get("perception_hit_rate")))
         cells.append(str(s["missing"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+        rows.append(cells)
+    return [f"### {title}", "", *markdown(head, rows)]
 
 
 def markdown_table(metrics: dict[str, Any]) -> str:

@@ -14,10 +14,8 @@ import torch
 
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
-from appo.rl.frame_attention import frame_attention
-from appo.rl.rollout import Rollout
-
-TEMPORAL_PATCH = 2  # Qwen2.5-VL merges 2 sampled frames into one temporal patch
+from appo.engine.frame_attention import TEMPORAL_PATCH, frame_attention
+from appo.engine.rollout import Rollout
 
 
 def answer_token_mask(response_ids: torch.Tensor, response_mask: torch.Tensor,

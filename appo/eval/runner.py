@@ -13,16 +13,16 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from appo.config import MISSING_POLICIES
 from appo.data.collate import encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.schema import VideoQA
+from appo.engine.rollout import Rollout, generate
 from appo.eval.metrics import score_prediction
 from appo.eval.protocol import PROTOCOLS, Protocol
-from appo.rl.rollout import Rollout, generate
 
 __all__ = ["MISSING_POLICIES", "HitRateFn", "evaluate", "missing_reason"]
 
-MISSING_POLICIES = ("wrong", "exclude")
 
 # Perception hook: called once per batch with (model, processor, batch records, greedy rollout,
 # frame store); returns one value per question: True if the policy's attention hit the key
@@ -94,7 +94,7 @@ def evaluate(
     ``iou`` (None without gold time spans), ``pred_spans`` (with gold spans), ``truncated``
     (no end-of-turn within ``max_new_tokens``), ``missing`` and ``perception_hit`` (None
     unless ``hit_rate_fn`` is given). Rows follow the order of ``records``. ``cache``: the
-    rollout engine's KV cache (:func:`appo.rl.rollout.resolve_cache`).
+    rollout engine's KV cache (:func:`appo.engine.rollout.resolve_cache`).
 
     ``protocol`` sets the decoding (greedy, or its temperature / top-p) and the scoring rules
     (:mod:`appo.eval.protocol`).

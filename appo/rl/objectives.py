@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from appo.config import AGG_MODES, WEIGHT_MODES
+
 __all__ = [
     "AGG_MODES",
     "WEIGHT_MODES",
@@ -33,8 +35,6 @@ __all__ = [
     "policy_loss",
 ]
 
-AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-WEIGHT_MODES: tuple[str, ...] = ("multiply", "additive")
 
 _SIGNAL_TOL = 1e-6
 

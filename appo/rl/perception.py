@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from appo.config import ATTENTION_SOURCES, SELECT_LEVELS, SELECT_STRATEGIES, WEIGHT_PLACEMENTS
+
 __all__ = [
     "SELECT_LEVELS",
     "SELECT_STRATEGIES",
@@ -58,15 +60,8 @@ __all__ = [
     "uniform_like",
 ]
 
-SELECT_LEVELS: tuple[str, ...] = ("all", "soft", "hard")
-SELECT_STRATEGIES: tuple[str, ...] = ("topk-union", "all")
 #: The authors' code names of the selection levels mapped to the paper's names used here.
 CODE_TO_PAPER_LEVEL: dict[str, str] = {"force-all": "all", "hard": "soft"}
-#: Where the frame attention comes from: the policy's (captured) or seeded random scores (control).
-ATTENTION_SOURCES: tuple[str, ...] = ("policy", "random")
-#: How the weights are placed: by divergence at the perception tokens (APPO) or uniformly
-#: (every valid token of a group gets the group's mean weight; control).
-WEIGHT_PLACEMENTS: tuple[str, ...] = ("divergence", "uniform")
 
 DELTA_CLAMP = 11.0
 MINMAX_EPS = 1e-8
@@ -122,7 +117,7 @@ def frame_scores(attn: Tensor, mask: Tensor, k_avg: int) -> Tensor:
     Args:
         attn: ``[G, N, T]`` frame attention ``a``.
         mask: ``[G, N]`` bool, valid response tokens.
-        k_avg: number of top tokens averaged (``>= 1``; spec default 15).
+        k_avg: number of top tokens averaged (``>= 1``; paper default 15).
 
     Returns:
         ``[G, T]`` scores in ``attn``'s dtype.
@@ -174,7 +169,7 @@ def crucial_frames(
         scores: ``[G, T]`` frame scores from :func:`frame_scores`.
         correct: ``[G]`` bool, accuracy reward ``>= tau``.
         valid_rows: ``[G]`` bool, responses with at least one valid token.
-        k_f: frames taken per response (spec default 3).
+        k_f: frames taken per response (paper default 3).
         select_level: ``"all"`` | ``"soft"`` | ``"hard"`` (paper names).
         select_strategy: ``"topk-union"`` | ``"all"``.
         frame_valid: ``[G, T]`` (per response) or ``[T]`` bool, frames that exist; ``None`` =
@@ -232,7 +227,7 @@ def perception_token_index(
         attn: ``[G, N, T]`` frame attention.
         mask: ``[G, N]`` bool valid tokens.
         frames: ``[T]`` bool crucial frames.
-        K: perception tokens per (frame, response) (spec: 128 SEED-Bench-R1, 512 NExT-GQA).
+        K: perception tokens per (frame, response) (paper: 128 SEED-Bench-R1, 512 NExT-GQA).
 
     Returns:
         ``(index, valid)``: ``index`` ``[F, G, Kc]`` long positions in ``[0, N)``, ascending
@@ -271,7 +266,7 @@ def aligned_divergence(logp: Tensor, valid: Tensor) -> Tensor:
     """d[k] = mean_i sum_v (exp(m - log p_i) - (m - log p_i) - 1), m = mean_i log p_i, clamped to ±11.
 
     Masked slots (``valid`` False) use the uniform distribution ``log(1/V)`` and still count in
-    both means over the ``G`` responses (as in the spec: "masked positions use the uniform
+    both means over the ``G`` responses (as in the paper: "masked positions use the uniform
     distribution").  ``m - log p_i`` is clamped to ``[-11, 11]`` before the k3 terms.
 
     Computed in float64 (with ``expm1(z) - z`` for the k3 term, free of the cancellation of
@@ -360,7 +355,7 @@ def scatter_token_weights(u: Tensor, index: Tensor, valid: Tensor, N: int, w_max
         index: ``[F, G, Kc]`` long token positions.
         valid: ``[F, G, Kc]`` bool.
         N: number of token positions per response.
-        w_max: weight at ``u = 1`` (spec default 1.7).
+        w_max: weight at ``u = 1`` (paper default 1.7).
 
     Returns:
         ``[G, N]`` weights in ``[1, w_max]``, dtype of ``u``.
@@ -409,7 +404,7 @@ def perception_weights(
             ``[G, N, V]`` tensor is never needed).  Called once with all ``F`` frames, or once
             per chunk of ``frame_chunk`` frames; in total never on more than ``F * G * Kc``
             positions.  Called under ``torch.no_grad()`` unless ``weights_grad``.
-        k_avg, k_f, K, w_max: spec hyperparameters (defaults 15, 3, 128, 1.7).
+        k_avg, k_f, K, w_max: the paper's hyperparameters (defaults 15, 3, 128, 1.7).
         select_level: paper names ``"all"`` (code ``force-all``), ``"soft"`` (code ``hard``),
             ``"hard"`` (paper only); see :func:`crucial_frames`.
         select_strategy: ``"topk-union"`` or ``"all"`` (every frame).

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
 
+from appo.config import DEFAULT_REWARD_WEIGHTS, REWARD_COMPONENTS
+
 __all__ = [
     "COMPONENTS",
     "MRA_THRESHOLDS",
@@ -41,7 +43,7 @@ __all__ = [
     "word_error_rate",
 ]
 
-COMPONENTS = ("accuracy", "format", "iou")
+COMPONENTS = REWARD_COMPONENTS
 OPTION_LETTERS = "ABCDEFGHIJ"
 # VSI-Bench confidence thresholds 0.50, 0.55, ..., 0.95, kept in hundredths so they are exact.
 MRA_THRESHOLDS = tuple(range(50, 100, 5))
@@ -503,7 +505,7 @@ def iou_reward(response: str, qa: Any) -> float:
 
 
 def _default_weights() -> dict[str, float]:
-    return {"accuracy": 0.9, "format": 0.1}
+    return dict(DEFAULT_REWARD_WEIGHTS)
 
 
 @dataclass

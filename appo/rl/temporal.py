@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-CONDITIONS = ("ratio", "greater")
+from appo.config import TEMPORAL_CONDITIONS
+
+CONDITIONS = TEMPORAL_CONDITIONS
 
 
 def temporal_bonus(acc_ordered: torch.Tensor, acc_shuffled: torch.Tensor, group_size: int,

@@ -73,8 +73,8 @@ def _pin_threads(argv: list[str]) -> None:
 def _check_params_owner() -> None:
     """Refuse to run on the overrides an interrupted ``python -m appo run --set`` left in
     params.yaml (a plain ``dvc repro`` would otherwise use them silently)."""
-    from appo.cli import BACKUP, alive, override_runner
     from appo.config import ConfigError
+    from appo.pipeline import BACKUP, alive, override_runner
 
     pid = override_runner()
     if pid is not None and not (pid > 0 and alive(pid)):
@@ -89,7 +89,7 @@ def _watch_runner() -> None:
     import threading
     import time
 
-    from appo.cli import RUNNER_ENV, alive
+    from appo.pipeline import RUNNER_ENV, alive
 
     pid = os.environ.get(RUNNER_ENV, "")
     if not pid.isdigit():

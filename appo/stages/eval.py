@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from appo.config import (
+    EVAL_PROTOCOLS,
+    MISSING_POLICIES,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -40,7 +42,7 @@ from appo.data.frames import FrameError, FrameStore, extract_records
 from appo.data.schema import VideoQA
 from appo.eval.metrics import aggregate, markdown_table
 from appo.eval.protocol import PROTOCOLS
-from appo.eval.runner import MISSING_POLICIES, HitRateFn, evaluate
+from appo.eval.runner import HitRateFn, evaluate
 from appo.headline import write_headline
 from appo.io import atomic_write_json, atomic_write_text
 from appo.mlflow_setup import provenance
@@ -57,8 +59,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.batch_size}")
     if cfg.max_new_tokens < 1:
         raise ConfigError(f"'eval.max_new_tokens' must be >= 1, got {cfg.max_new_tokens}")
-    if cfg.protocol not in PROTOCOLS:
-        raise ConfigError(f"'eval.protocol' must be one of {', '.join(PROTOCOLS)}, "
+    if cfg.protocol not in EVAL_PROTOCOLS:
+        raise ConfigError(f"'eval.protocol' must be one of {', '.join(EVAL_PROTOCOLS)}, "
                           f"got {cfg.protocol!r}")
     if cfg.samples < 0:
         raise ConfigError(f"'eval.samples' must be >= 0 (0 = greedy only), got {cfg.samples}")

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appo.config import BASELINES
 from appo.io import atomic_path, atomic_write_json, atomic_write_text
+from appo.tables import markdown, num, pct
 from appo.tracking import read_metrics
 
 # Display order; other variants (new algorithm presets) follow alphabetically.
-ORDER = ("base", "sft", "grpo", "dapo", "appo", "appo-random", "appo-uniform", "tgrpo")
+ORDER = (*BASELINES, "grpo", "dapo", "appo", "appo-random", "appo-uniform", "tgrpo")
 CURVES = {"reward": "reward_curves", "accuracy": "train_accuracy_curves"}
 
 
@@ -122,11 +123,11 @@ def comparison_rows(res: Results) -> list[dict[str, Any]]:
 def paired_difference(a: dict[tuple[str, str], bool], b: dict[tuple[str, str], bool],
                       keys: list[tuple[str, str]]) -> dict[str, Any] | None:
     """Accuracy difference a - b on the same questions: paired bootstrap 95% CI, exact McNemar
-    p-value and the minimal detectable effect of this comparison (:mod:`appo.eval.stats`).
+    p-value and the minimal detectable effect of this comparison (:mod:`appo.stats`).
 
     ``inside_ci``: the interval contains 0, i.e. the difference is within noise at this size.
     """
-    from appo.eval.stats import mcnemar, minimal_detectable_effect, paired_bootstrap
+    from appo.stats import mcnemar, minimal_detectable_effect, paired_bootstrap
 
     shared = [k for k in keys if k in a and k in b]
     if not shared:
@@ -141,7 +142,7 @@ def paired_difference(a: dict[tuple[str, str], bool], b: dict[tuple[str, str], b
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
     """RL algorithms against each other (later minus earlier), each against sft, sft vs base."""
-    rl = [v for v in variants if v not in ("base", "sft")]
+    rl = [v for v in variants if v not in BASELINES]
     pairs = [(rl[j], rl[i]) for i in range(len(rl)) for j in range(i + 1, len(rl))]
     if "sft" in variants:
         pairs += [(v, "sft") for v in rl]
@@ -167,26 +168,11 @@ def differences(res: Results) -> list[dict[str, Any]]:
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
-
-
 def _acc_ci(stats: dict[str, Any]) -> str:
     if stats.get("accuracy") is None:
         return "-"
     lo, hi = stats.get("ci95") or (None, None)
-    return f"{_pct(stats['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
-
-
-def _num(x: Any, fmt: str = ".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
-
-
-def _md_table(head: list[str], rows: list[list[str]], text_columns: int = 1) -> list[str]:
-    """Markdown table: the first ``text_columns`` columns left-aligned, the rest right."""
-    align = ["---"] * text_columns + ["---:"] * (len(head) - text_columns)
-    return ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
+    return f"{pct(stats['accuracy'])} [{pct(lo)}, {pct(hi)}]"
 
 
 def render_markdown(res: Results, diffs: list[dict[str, Any]]) -> str:
@@ -212,33 +198,33 @@ def render_markdown(res: Results, diffs: list[dict[str, Any]]) -> str:
         v = row["variant"]
         table.append([v, *[_acc_ci(res.evals.get(v, {}).get("benchmarks", {}).get(b, {}))
                           for b in res.benchmarks],
-                      *([_pct(row["sampled_accuracy"])] if sampled else []),
-                      _pct(row["perception_hit_rate"]), _num(row["eval_reward"]),
-                      _num(row["rl_final_reward"]), _num(row["train_time_s"], ".1f")])
-    lines += _md_table(head, table)
+                      *([pct(row["sampled_accuracy"])] if sampled else []),
+                      pct(row["perception_hit_rate"]), num(row["eval_reward"]),
+                      num(row["rl_final_reward"]), num(row["train_time_s"], ".1f")])
+    lines += markdown(head, table)
 
     if res.family_names:
         lines += ["## Accuracy per task family", ""]
         table = [[v, *[_acc_ci(res.evals.get(v, {}).get("by_family", {}).get(f, {}))
                        for f in res.family_names]] for v in variants if v in res.evals]
-        lines += _md_table(["variant", *res.family_names], table)
+        lines += markdown(["variant", *res.family_names], table)
 
     if res.rl:
         lines += ["## RL training", ""]
         table = []
         for algo in variant_order(res.rl):
             m = res.rl[algo]
-            table.append([algo, str(m.get("steps", "-")), _num(m.get("final_reward")),
-                          _pct(m.get("final_accuracy")), _num(m.get("train_time_s"), ".1f"),
+            table.append([algo, str(m.get("steps", "-")), num(m.get("final_reward")),
+                          pct(m.get("final_accuracy")), num(m.get("train_time_s"), ".1f"),
                           str(m.get("skipped_steps", "-"))])
-        lines += _md_table(["algorithm", "steps", "final reward", "final train accuracy %",
+        lines += markdown(["algorithm", "steps", "final reward", "final train accuracy %",
                             "train time s", "skipped steps"], table)
         lines += ["![reward per step](reward_curves.png)", "",
                   "![training accuracy per step](accuracy_curves.png)", ""]
     if res.sft:
         lines += [f"SFT: {res.sft.get('steps', '-')} steps, final loss "
-                  f"{_num(res.sft.get('final_loss'), '.4f')}, "
-                  f"{_num(res.sft.get('train_time_s'), '.1f')} s.", ""]
+                  f"{num(res.sft.get('final_loss'), '.4f')}, "
+                  f"{num(res.sft.get('train_time_s'), '.1f')} s.", ""]
 
     lines += ["## Differences and their 95% CI", "",
               "Paired over the same questions: d = correct(a) - correct(b) per question; 95% CI "
@@ -254,7 +240,7 @@ def render_markdown(res: Results, diffs: list[dict[str, Any]]) -> str:
                   f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]",
                   f"{d['a_only']} / {d['b_only']}", f"{d['p_value']:.3g}",
                   f"{100 * d['mde']:.1f}"] for d in diffs]
-        lines += _md_table(["a - b", "group", "verdict", "n", "diff pp", "95% CI pp",
+        lines += markdown(["a - b", "group", "verdict", "n", "diff pp", "95% CI pp",
                             "a only / b only", "McNemar p", "MDE pp"], table, text_columns=3)
         outside = [f"{d['a']} vs {d['b']} on {d['group']}" for d in diffs if not d["inside_ci"]]
         lines += [("Outside the CI (distinguishable): " + "; ".join(outside) + ".") if outside

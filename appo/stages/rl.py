@@ -20,29 +20,29 @@ import copy
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 from appo.config import DataConfig, FramesConfig, ModelConfig, RLConfig, load_section, load_yaml
 from appo.data.dataset import load_split, split_path
 from appo.data.frames import FrameStore
 from appo.headline import write_headline
-from appo.io import atomic_write_json, output_lock, remove_stale_temps
+from appo.io import output_lock
 from appo.mlflow_setup import provenance
 from appo.models.loading import load_policy
 from appo.rl.trainer import RLTrainer
 from appo.stages import stage_main
-from appo.tracking import open_run, truncate_metrics
 from appo.train import common
 from appo.train import distributed as dist
+from appo.train.loop import Loop, find_checkpoint, resume_knobs
+from appo.train.loop import run as run_loop
 
 # Knobs that may change between a crash and its resume without invalidating the checkpoint.
-RESUME_SAFE = {"steps", "save_every", "max_bad_steps"}
+RESUME_SAFE = {"steps", "save_every", "keep_checkpoints", "max_bad_steps"}
 MODULE = "appo.stages.rl"
 
 
 def _fingerprint(cfg: RLConfig, algo_name: str, seed: int) -> str:
-    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE}
+    knobs = resume_knobs(cfg, RESUME_SAFE)
     knobs["algorithms"] = {algo_name: knobs["algorithms"][algo_name]}
     return common.config_fingerprint({"rl": knobs, "algo": algo_name, "seed": seed})
 
@@ -71,12 +71,52 @@ def cap_prompts(records: list, processor, cfg: RLConfig) -> list:
     return [qa for qa, length in zip(records, lengths) if length <= cfg.max_prompt_tokens]
 
 
+class RLRun:
+    """The RL trainer as a :class:`appo.train.loop.Task`: its steps and state, the final
+    model (gathered from every process under FSDP) and the summary (``metrics.json``)."""
+
+    def __init__(self, trainer: RLTrainer, algo_name: str, total_steps: int, model, processor,
+                 accelerator) -> None:
+        self.trainer, self.algo_name, self.total_steps = trainer, algo_name, total_steps
+        self.model, self.processor, self.accelerator = model, processor, accelerator
+        self.history: list[dict] = []  # this process run's steps (after a resume: the new ones)
+        self.state_dict, self.load_state_dict = trainer.state_dict, trainer.load_state_dict
+
+    def train_step(self) -> dict[str, float]:
+        metrics = self.trainer.train_step()
+        self.history.append(metrics)
+        return metrics
+
+    def export(self, path: Path) -> None:
+        # FSDP: every process takes part in gathering the full weights; the main one saves them
+        acc = self.accelerator
+        full = acc.get_state_dict(self.trainer.policy) if _sharded(acc) else None
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            common.export_model(self.model, self.processor, path, state_dict=full)
+
+    def summary(self, elapsed: float) -> dict:
+        tail = self.history[-5:] or [{"reward": float("nan"), "accuracy": float("nan")}]
+        return {
+            "algorithm": self.algo_name,
+            "steps": self.total_steps,
+            "train_time_s": round(elapsed, 2),
+            "final_reward": sum(m["reward"] for m in tail) / len(tail),
+            "final_accuracy": sum(m["accuracy"] for m in tail) / len(tail),
+            "skipped_steps": self.trainer.skips.total,
+            "num_processes": self.accelerator.num_processes,
+            "provenance": provenance(),
+        }
+
+
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name == "FSDP"
+
+
 def run(params: str, algo_name: str, steps: int | None = None, progress: bool = True,
         headline: str | None = None) -> dict:
     """Train ``algo_name``; ``headline``: also write the headline metrics there
     (:mod:`appo.headline`)."""
-    from tqdm import tqdm
-
     cfg = load_section(RLConfig, "rl", params)
     algo = cfg.algorithm(algo_name)
     model_cfg = load_section(ModelConfig, "model", params)
@@ -85,12 +125,21 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
     seed = int(load_yaml(params).get("seed", 0)) + cfg.seed
     total_steps = steps or cfg.steps
     out = Path(cfg.out_dir) / algo_name
-    ckpt_root = out / "checkpoints"
 
     common.seed_everything(seed)
     accelerator = common.make_accelerator(cfg.mixed_precision, model_cfg.device,
                                           multi_process=True)
-    main = accelerator.is_main_process
+    sharded = _sharded(accelerator)
+    if sharded and cfg.save_every > 0:
+        print("rl: resumable checkpoints are not written under FSDP (sharded optimizer state); "
+              "a crashed FSDP run restarts from the beginning")
+    loop = Loop(out, f"rl-{algo_name}", total_steps, 0 if sharded else cfg.save_every,
+                cfg.keep_checkpoints, _fingerprint(cfg, algo_name, seed),
+                mismatch=f"checkpoint of a different rl configuration; delete "
+                         f"{out / 'checkpoints'} to start over",
+                main=accelerator.is_main_process, label=f"rl {algo_name}",
+                tags={"stage": f"rl@{algo_name}", "algorithm": algo_name, "seed": str(seed)})
+    found = find_checkpoint(loop)
     model, processor = load_policy(cfg.init, model_cfg.dtype, model_cfg.attn_implementation,
                                    str(accelerator.device))
     ref_model = None
@@ -109,78 +158,17 @@ def run(params: str, algo_name: str, steps: int | None = None, progress: bool = 
     trainer = RLTrainer(policy, processor, dataclasses.replace(cfg, seed=seed), algo, records,
                         FrameStore(frames.out_dir), ref_model=ref_model, optimizer=optimizer,
                         scheduler=scheduler, accelerator=accelerator)
-
-    sharded = accelerator.distributed_type.name == "FSDP"
-    if sharded and cfg.save_every > 0:
-        print("rl: resumable checkpoints are not written under FSDP (sharded optimizer state); "
-              "a crashed FSDP run restarts from the beginning")
-    fingerprint = _fingerprint(cfg, algo_name, seed)
-    start, run_id, elapsed = 0, None, 0.0
-    if main:
-        remove_stale_temps(ckpt_root)
-        remove_stale_temps(out)
-    found = common.latest_readable_checkpoint(ckpt_root)
-    if found is not None:
-        latest, loaded = found
-        state = common.load_training_state(latest, model, optimizer, scheduler, loaded=loaded)
-        if state.get("fingerprint") != fingerprint:
-            raise RuntimeError(f"{latest}: checkpoint of a different rl configuration; delete "
-                               f"{ckpt_root} to start over")
-        start, run_id, elapsed = state["step"], state.get("run_id"), state.get("elapsed", 0.0)
-        trainer.sampler.position = state["sampler_position"]
-        trainer.skips.load_state_dict(state["skips"])
-        trainer.steps_done = start
-        print(f"rl {algo_name}: resuming from {latest} (step {start})")
-    if main:  # rows after the checkpoint are redone; a fresh start (start 0) keeps none
-        truncate_metrics(out / "metrics.jsonl", start - 1)
-
-    history: list[dict] = []
-    t0 = time.perf_counter() - elapsed
-    tags = {"stage": f"rl@{algo_name}", "algorithm": algo_name, "seed": str(seed)}
-    with open_run(out, f"rl-{algo_name}", run_id=run_id, tags=tags, main=main) as log:
-        if run_id is None:
-            log.log_params({"rl": {k: v for k, v in vars(cfg).items() if k != "algorithms"},
-                            "algorithm": dataclasses.asdict(algo), "algo": algo_name,
-                            "seed": seed})
-        bar = tqdm(range(start, total_steps), desc=f"rl {algo_name}", unit="step",
-                   initial=start, total=total_steps, disable=not (progress and main))
-        for step in bar:
-            metrics = trainer.train_step()
-            history.append(metrics)
-            log.log_metrics(metrics, step)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                            refresh=False)  # redraw at tqdm's interval, not every step
-            done = step + 1
-            if (main and not sharded and cfg.save_every > 0 and done % cfg.save_every == 0
-                    and done < total_steps):
-                common.save_training_state(ckpt_root / f"step-{done}", model, optimizer, scheduler, {
-                    "step": done, "sampler_position": trainer.sampler.position,
-                    "skips": trainer.skips.state_dict(), "run_id": log.run_id,
-                    "fingerprint": fingerprint, "elapsed": time.perf_counter() - t0})
-                common.prune_checkpoints(ckpt_root, keep=2)
-        # FSDP: every process takes part in gathering the full weights; the main one saves them
-        full = accelerator.get_state_dict(policy) if sharded else None
-        accelerator.wait_for_everyone()
-        if not main:
-            return {}
-        common.export_model(model, processor, out / "model", state_dict=full)
-        tail = history[-5:] or [{"reward": float("nan"), "accuracy": float("nan")}]
-        summary = {
-            "algorithm": algo_name,
-            "steps": total_steps,
-            "train_time_s": round(time.perf_counter() - t0, 2),
-            "final_reward": sum(m["reward"] for m in tail) / len(tail),
-            "final_accuracy": sum(m["accuracy"] for m in tail) / len(tail),
-            "skipped_steps": trainer.skips.total,
-            "num_processes": accelerator.num_processes,
-            "provenance": provenance(),
-        }
-        atomic_write_json(out / "metrics.json", summary)
+    task = RLRun(trainer, algo_name, total_steps, model, processor, accelerator)
+    summary = run_loop(
+        task, loop, found, model=model, optimizer=optimizer, scheduler=scheduler,
+        params={"rl": {k: v for k, v in vars(cfg).items() if k != "algorithms"},
+                "algorithm": dataclasses.asdict(algo), "algo": algo_name, "seed": seed},
+        final=lambda s: {f"final/{k}": v for k, v in s.items() if isinstance(v, (int, float))},
+        postfix=lambda m: {"reward": f"{m['reward']:.3f}", "acc": f"{m['accuracy']:.2f}"},
+        progress=progress)
+    if summary:  # the main process
         write_headline(headline, "rl", summary)
-        log.log_metrics({f"final/{k}": v for k, v in summary.items()
-                         if isinstance(v, (int, float))}, total_steps)
-        log.log_artifact(out / "metrics.json")
-    print(f"rl {algo_name}: {summary}")
+        print(f"rl {algo_name}: {summary}")
     return summary
 
 

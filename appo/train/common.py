@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from appo.config import LORA_TARGETS, MIXED_PRECISIONS
 from appo.io import atomic_dir
 
 __all__ = [
@@ -63,7 +64,6 @@ __all__ = [
     "trainable_parameters",
 ]
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -318,7 +318,7 @@ def resolve_mixed_precision(mixed_precision: str, device_type: str) -> str:
     """``auto`` -> bf16 autocast on CUDA, none elsewhere; ``no`` and ``bf16`` pass through."""
     if mixed_precision == "auto":
         return "bf16" if device_type == "cuda" else "no"
-    if mixed_precision not in ("no", "bf16"):
+    if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision {mixed_precision!r} is not one of auto, no, bf16")
     return mixed_precision
 

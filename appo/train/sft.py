@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,12 +35,12 @@ from appo.data.collate import append_targets, encode_prompts
 from appo.data.frames import FrameStore
 from appo.data.prompts import target_text
 from appo.data.schema import VideoQA
-from appo.io import atomic_write_json, remove_stale_temps
-from appo.tracking import open_run, truncate_metrics
 from appo.train import common
+from appo.train.loop import Loop, find_checkpoint, resume_knobs
+from appo.train.loop import run as run_loop
 
 # Knobs that may change between a run and its resumption (they do not change the result).
-RESUME_SAFE_KEYS = ("save_every", "keep_checkpoints", "resume", "out_dir")
+RESUME_SAFE = {"save_every", "keep_checkpoints", "resume", "out_dir"}
 RECENT = 10  # final_loss = mean over the last RECENT good steps
 
 
@@ -103,7 +102,7 @@ def freeze_vision(cfg: SFTConfig, model: torch.nn.Module) -> bool:
 
 
 def _fingerprint(cfg: SFTConfig, start: str, records: Sequence[VideoQA], seed: int) -> str:
-    knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE_KEYS}
+    knobs = resume_knobs(cfg, RESUME_SAFE)
     ids = hashlib.sha256("\n".join(qa.problem_id for qa in records).encode()).hexdigest()
     return common.config_fingerprint({"cfg": knobs, "start": str(start), "data": ids, "seed": seed})
 
@@ -119,39 +118,136 @@ def _checkpoint_dtype(path: str | Path) -> torch.dtype | None:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
 
+class SFTTask:
+    """SFT's steps for :mod:`appo.train.loop`: ``grad_accum`` micro-batches of the seeded
+    epoch order per optimizer step; a non-finite loss or gradient norm skips the step."""
+
+    def __init__(self, cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, model,
+                 processor, optimizer, scheduler, accelerator, *, seed: int, steps: int,
+                 parameters: tuple[int, int], resumed_from: int = 0,
+                 export_dtype: torch.dtype | None = None) -> None:
+        """``parameters``: (trainable, total) counts; ``resumed_from``: the step a resume
+        starts at; ``export_dtype``: the dtype the model is exported in (the start's)."""
+        self.cfg, self.records, self.store, self.seed = cfg, list(records), store, seed
+        self.parameters, self.resumed_from, self.export_dtype = parameters, resumed_from, export_dtype
+        self.model, self.processor, self.accelerator = model, processor, accelerator
+        self.optimizer, self.scheduler, self.steps = optimizer, scheduler, steps
+        self.params = [p for _, p in common.trainable_parameters(model)]
+        self.per_epoch = math.ceil(len(self.records) / cfg.batch_size)
+        self.skips = common.SkipCounter(cfg.max_bad_steps)
+        self.step, self.micro, self.elapsed_s, self.target_tokens = 0, 0, 0.0, 0
+        self.recent_losses: list[float] = []
+        self._orders: dict[int, list[np.ndarray]] = {}
+        self.exported: torch.nn.Module | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "micro": self.micro, "elapsed_s": self.elapsed_s,
+                "target_tokens": self.target_tokens, "recent_losses": self.recent_losses,
+                "skips": self.skips.state_dict(), "total_steps": self.steps,
+                "epoch": self.micro / self.per_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.micro = state["step"], state["micro"]
+        self.elapsed_s, self.target_tokens = state["elapsed_s"], state["target_tokens"]
+        self.recent_losses = list(state["recent_losses"])
+        self.skips.load_state_dict(state["skips"])
+
+    def _micro_batch(self, index: int) -> dict:
+        epoch, pos = divmod(index, self.per_epoch)
+        if epoch not in self._orders:
+            self._orders.clear()
+            self._orders[epoch] = batch_order(len(self.records), self.cfg.batch_size,
+                                              self.seed, epoch)
+        return make_batch(self.processor, [self.records[i] for i in self._orders[epoch][pos]],
+                          self.store)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, optimizer = self.cfg, self.optimizer
+        self.step += 1
+        t0 = time.perf_counter()
+        batches = [self._micro_batch(self.micro + i) for i in range(cfg.grad_accum)]
+        self.micro += cfg.grad_accum
+        n_targets = sum(count_targets(b["labels"]) for b in batches)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        lr = optimizer.param_groups[0]["lr"]
+        loss_value, ok = 0.0, True
+        for batch in batches:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            loss_sum, _ = compute_loss(self.model, batch)
+            loss = loss_sum / max(1, n_targets)
+            if not torch.isfinite(loss):
+                loss_value, ok = float(loss.detach()), False
+                break
+            self.accelerator.backward(loss)
+            loss_value += float(loss.detach())
+        grad_norm = common.clip_gradients(self.params, cfg.max_grad_norm) if ok else float("nan")
+        ok = ok and math.isfinite(grad_norm)
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when a skipped step precedes any step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # skipped steps advance the schedule too (indexed by step)
+        dt = time.perf_counter() - t0
+        self.elapsed_s += dt
+        self.target_tokens += n_targets
+        if ok:
+            self.recent_losses = (self.recent_losses + [loss_value])[-RECENT:]
+        else:
+            print(f"sft: step {self.step}: non-finite loss or grad norm "
+                  f"(loss={loss_value}, grad_norm={grad_norm}); step skipped")
+        metrics = {
+            "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": n_tokens / dt, "step_time_s": dt, "target_tokens": n_targets,
+            "epoch": self.micro / self.per_epoch, "skipped": float(not ok),
+            "skipped_total": self.skips.total + (not ok),
+        }
+        self.skips.update(ok, self.step)
+        return metrics
+
+    def export(self, path: Path) -> None:
+        self.exported = common.export_model(self.accelerator.unwrap_model(self.model),
+                                            self.processor, path, dtype=self.export_dtype)
+
+    def summary(self, elapsed: float) -> dict[str, Any]:
+        recent = self.recent_losses
+        n_trainable, n_total = self.parameters
+        return {
+            "final_loss": float(np.mean(recent)) if recent else float("nan"),
+            "last_loss": recent[-1] if recent else float("nan"),
+            "steps": self.steps,
+            "epochs": self.micro / self.per_epoch,
+            "train_time_s": round(self.elapsed_s, 3),
+            "skipped_steps": self.skips.total,
+            "target_tokens": self.target_tokens,
+            "trainable_params": n_trainable,
+            "total_params": n_total,
+            "resumed_from_step": self.resumed_from or None,
+        }
+
+
 def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: str | Path, *,
           seed: int = 0, attn_implementation: str = "sdpa", device: str = "auto",
           progress: bool = True) -> SFTResult:
     """Run (or resume) SFT from checkpoint ``start``; see the module docstring for outputs."""
-    from tqdm import tqdm
-
     from appo.models.loading import load_policy, resolve_checkpoint
 
     records = list(records)
     if not records:
         raise ValueError("the SFT split is empty")
     out_dir = Path(cfg.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    fingerprint = _fingerprint(cfg, str(resolve_checkpoint(start)), records, seed)
     steps = total_steps(cfg, len(records))
-
-    remove_stale_temps(ckpt_root)
-    remove_stale_temps(out_dir)
-    found = common.latest_readable_checkpoint(ckpt_root) if cfg.resume else None
-    resume_from, loaded = found if found is not None else (None, None)
-    if resume_from is not None:
-        if loaded["state"].get("fingerprint") != fingerprint:
-            raise RuntimeError(
-                f"{resume_from}: this checkpoint was written with a different SFT configuration, "
-                f"start checkpoint or data; delete {ckpt_root} or set sft.resume: false")
-    else:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    ckpt_root = out_dir / "checkpoints"
+    loop = Loop(out_dir, "sft", steps, cfg.save_every, cfg.keep_checkpoints,
+                _fingerprint(cfg, str(resolve_checkpoint(start)), records, seed),
+                mismatch="this checkpoint was written with a different SFT configuration, "
+                         f"start checkpoint or data; delete {ckpt_root} or set sft.resume: false",
+                resume=cfg.resume, save_last=True, step_base=1, tags={"stage": "sft"})
+    found = find_checkpoint(loop)
 
     common.seed_everything(seed)
     accelerator = common.make_accelerator(cfg.mixed_precision, device)
-    dev = accelerator.device
-    model, processor = load_policy(start, dtype=cfg.train_dtype, device=str(dev),
+    model, processor = load_policy(start, dtype=cfg.train_dtype, device=str(accelerator.device),
                                    attn_implementation=attn_implementation)
     lora = None
     if cfg.lora:
@@ -164,113 +260,17 @@ def train(cfg: SFTConfig, records: Sequence[VideoQA], store: FrameStore, start: 
     optimizer = common.build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     scheduler = common.build_scheduler(optimizer, cfg.warmup_steps, steps, cfg.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for _, p in common.trainable_parameters(model)]
-
-    state: dict[str, Any] = {"step": 0, "micro": 0, "elapsed_s": 0.0, "target_tokens": 0,
-                             "recent_losses": [], "skips": {"total": 0, "consecutive": 0},
-                             "run_id": None}
-    if resume_from is not None:
-        state = common.load_training_state(resume_from, accelerator.unwrap_model(model),
-                                           optimizer, scheduler, loaded=loaded)
-        print(f"sft: resuming from {resume_from} (step {state['step']}/{steps})")
-    resumed_step = state["step"]
-    skips = common.SkipCounter(cfg.max_bad_steps)
-    skips.load_state_dict(state["skips"])
-    truncate_metrics(out_dir / "metrics.jsonl", resumed_step)
-
-    logger = open_run(out_dir, "sft", run_id=state["run_id"], tags={"stage": "sft"})
-    state["run_id"] = logger.run_id
-    per_epoch = math.ceil(len(records) / cfg.batch_size)
-    orders: dict[int, list[np.ndarray]] = {}
-
-    def micro_batch(index: int) -> dict:
-        epoch, pos = divmod(index, per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = batch_order(len(records), cfg.batch_size, seed, epoch)
-        return make_batch(processor, [records[i] for i in orders[epoch][pos]], store)
-
-    def save(step: int) -> None:
-        state.update(step=step, skips=skips.state_dict(), fingerprint=fingerprint,
-                     total_steps=steps, epoch=state["micro"] / per_epoch)
-        common.save_training_state(ckpt_root / f"step-{step}", accelerator.unwrap_model(model),
-                                   optimizer, scheduler, state)
-        common.prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
-
-    bar = tqdm(total=steps, initial=resumed_step, desc="sft", unit="step", disable=not progress)
-    status = "FAILED"
-    try:
-        if resume_from is None:
-            logger.log_params({"sft": dataclasses.asdict(cfg), "start": str(start), "seed": seed,
-                               "num_records": len(records), "total_steps": steps,
-                               "trainable_params": n_trainable, "total_params": n_total})
-        for step in range(resumed_step + 1, steps + 1):
-            t0 = time.perf_counter()
-            batches = [micro_batch(state["micro"] + i) for i in range(cfg.grad_accum)]
-            state["micro"] += cfg.grad_accum
-            n_targets = sum(count_targets(b["labels"]) for b in batches)
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            lr = optimizer.param_groups[0]["lr"]
-            loss_value, ok = 0.0, True
-            for batch in batches:
-                batch = {k: v.to(dev) for k, v in batch.items()}
-                loss_sum, _ = compute_loss(model, batch)
-                loss = loss_sum / max(1, n_targets)
-                if not torch.isfinite(loss):
-                    loss_value, ok = float(loss.detach()), False
-                    break
-                accelerator.backward(loss)
-                loss_value += float(loss.detach())
-            grad_norm = common.clip_gradients(params, cfg.max_grad_norm) if ok else float("nan")
-            ok = ok and math.isfinite(grad_norm)
-            if ok:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # torch warns when a skipped step precedes any step
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()  # skipped steps advance the schedule too (it is indexed by step)
-            dt = time.perf_counter() - t0
-            state["elapsed_s"] += dt
-            state["target_tokens"] += n_targets
-            if ok:
-                state["recent_losses"] = (state["recent_losses"] + [loss_value])[-RECENT:]
-            else:
-                print(f"sft: step {step}: non-finite loss or grad norm "
-                      f"(loss={loss_value}, grad_norm={grad_norm}); step skipped")
-            logger.log_metrics({
-                "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": n_tokens / dt, "step_time_s": dt, "target_tokens": n_targets,
-                "epoch": state["micro"] / per_epoch, "skipped": float(not ok),
-                "skipped_total": skips.total + (not ok),
-            }, step=step)
-            skips.update(ok, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if cfg.save_every and (step % cfg.save_every == 0 or step == steps):
-                save(step)
-        bar.close()
-        recent = state["recent_losses"]
-        metrics = {
-            "final_loss": float(np.mean(recent)) if recent else float("nan"),
-            "last_loss": recent[-1] if recent else float("nan"),
-            "steps": steps,
-            "epochs": state["micro"] / per_epoch,
-            "train_time_s": round(state["elapsed_s"], 3),
-            "skipped_steps": skips.total,
-            "target_tokens": state["target_tokens"],
-            "trainable_params": n_trainable,
-            "total_params": n_total,
-            "resumed_from_step": resumed_step or None,
-        }
-        exported = common.export_model(accelerator.unwrap_model(model), processor,
-                                       out_dir / "model", dtype=_checkpoint_dtype(start))
-        atomic_write_json(out_dir / "metrics.json", metrics)
-        logger.log_metrics({"final_loss": metrics["final_loss"],
-                            "train_time_s": metrics["train_time_s"],
-                            "skipped_steps": metrics["skipped_steps"]}, step=steps)
-        logger.log_artifact(out_dir / "metrics.json")
-        status = "FINISHED"
-    finally:
-        bar.close()
-        logger.close(status)
-    return SFTResult(model=exported, processor=processor, metrics=metrics, out_dir=out_dir)
+    task = SFTTask(cfg, records, store, model, processor, optimizer, scheduler, accelerator,
+                   seed=seed, steps=steps, parameters=(n_trainable, n_total),
+                   resumed_from=found[1]["state"]["step"] if found is not None else 0,
+                   export_dtype=_checkpoint_dtype(start))
+    params = {"sft": dataclasses.asdict(cfg), "start": str(start), "seed": seed,
+              "num_records": len(records), "total_steps": steps,
+              "trainable_params": n_trainable, "total_params": n_total}
+    metrics = run_loop(
+        task, loop, found, model=accelerator.unwrap_model(model), optimizer=optimizer,
+        scheduler=scheduler, params=params,
+        final=lambda m: {k: m[k] for k in ("final_loss", "train_time_s", "skipped_steps")},
+        postfix=lambda m: {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"},
+        progress=progress)
+    return SFTResult(model=task.exported, processor=processor, metrics=metrics, out_dir=out_dir)

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from appo.config import CACHE_MODES
 from appo.data.collate import TOKEN_TYPES, VISUAL_KEYS
-from appo.rl.decoding import Sampling, decoder_for, unwrap
+from appo.engine.decoding import Sampling, decoder_for, unwrap
 
 
 @dataclass
@@ -177,7 +178,6 @@ def response_mask_from_ids(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torc
     return (~seen_before).float(), ~is_stop.any(1)
 
 
-CACHE_MODES = ("auto", "static", "dynamic")
 _announced: set[str] = set()
 _compile_failed: list[str] = []  # the first compilation error: static decoding is off after it
 
@@ -195,7 +195,7 @@ def resolve_cache(cache: str, device: torch.device) -> str:
     """``auto`` -> a static KV cache with compiled decoding on CUDA, the dynamic cache elsewhere.
 
     On CUDA the one-token decoding step is compiled once (CUDA graphs) and replayed, which
-    halves decoding time for 7B (performance-anchors); on CPU compilation buys little. After a
+    cuts decoding time (``benchmarks/rollout.py`` measures it); on CPU compilation buys little. After a
     compilation failure every later call resolves to ``dynamic``.
     """
     if cache not in CACHE_MODES:
@@ -241,7 +241,7 @@ def generate(
     """Sample ``num_samples`` responses per prompt: the rollout engine of RL and evaluation.
 
     Each prompt is prefilled once and its KV cache shared by its samples
-    (:mod:`appo.rl.decoding`). Sampling log-probs are log_softmax(logits / temperature) of the
+    (:mod:`appo.engine.decoding`). Sampling log-probs are log_softmax(logits / temperature) of the
     sampled token (top-p only decides which tokens may be drawn), the quantity the training
     forward computes, so the importance ratio starts at exactly 1 and mu = 1 needs no scoring
     forward. ``cache``: see :func:`resolve_cache`; with a static cache the prompts are

@@ -1,6 +1,13 @@
-"""Paired comparisons of two evaluated checkpoints on the same questions.
+"""The statistics of every table: intervals, paired differences, bootstrap.
 
-Two variants answered the same ``n`` questions; ``a[k]``, ``b[k]`` are 0/1 correctness. The
+Intervals of one variant:
+
+- :func:`wilson_interval`: the 95% Wilson score interval of an accuracy k / n (eval, report);
+- :func:`mean_ci95`: Wilson for 0/1 values, else mean +- 1.96 standard errors;
+- :func:`mean_ci`: mean and the half-width of the two-sided 95% Student-t interval over a few
+  training seeds (experiments).
+
+Paired comparisons of two evaluated checkpoints on the same questions. Two variants answered the same ``n`` questions; ``a[k]``, ``b[k]`` are 0/1 correctness. The
 questions are the unit of resampling, so the tests below are *paired*: what matters is how
 often the two disagree, not the two accuracies separately.
 
@@ -16,13 +23,73 @@ often the two disagree, not the two accuracies separately.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 Z975 = 1.959963984540054  # two-sided 95%
+Z95 = Z975  # the name the interval helpers use
 Z80 = 0.8416212335729143  # one-sided 80% power
+# two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (normal beyond)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+# --------------------------------------------------------------------------------------------
+# intervals of one variant
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n:
+
+    centre = (p + z^2/2n) / (1 + z^2/n), half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    ``n == 0`` gives (nan, nan).
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_ci95(values: Iterable[float | bool]) -> tuple[float, float, float]:
+    """(mean, lo, hi): Wilson interval when every value is 0/1, else mean +- 1.96 standard errors.
+
+    The standard error uses the sample standard deviation (ddof=1; 0 for a single value).
+    An empty input gives (nan, nan, nan).
+    """
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = sum(vals) / n
+    if all(v in (0.0, 1.0) for v in vals):
+        lo, hi = wilson_interval(int(sum(vals)), n)
+        return mean, lo, hi
+    var = sum((v - mean) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
+    half = Z95 * math.sqrt(var / n)
+    return mean, mean - half, mean + half
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the two-sided 95% Student-t interval); nan width for one value."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+# --------------------------------------------------------------------------------------------
+# paired differences
 
 
 def _binom_tail_two_sided(k: int, n: int) -> float:

@@ -12,8 +12,8 @@ Inside the no-grad scoring forward over prompt + response that RL needs anyway (
 reference log-probs for the KL). ``generate`` with SDPA/flash attention cannot expose attention
 probabilities, and the authors' way -- eager ``generate(output_attentions=True)`` re-reading all
 layers' attention at every decoding step -- is what makes their version slow and memory hungry
-(phase B1, 20-35x the time of phase C, one SDPA forward over prompt + completion, in
-``docs/performance-anchors.md``). Here the model keeps its fast attention kernel; only the
+(``benchmarks/rl_step.py`` times both: the authors' row against ours, see
+``benchmarks/README.md``). Here the model keeps its fast attention kernel; only the
 selected layers pay an extra ``q . k`` recompute for the response queries.
 
 How
@@ -53,6 +53,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+#: Sampled frames per temporal patch: Qwen2.5-VL merges two frames into one patch, so patch
+#: ``t`` covers the sampled frames ``2t`` and ``2t + 1``.
+TEMPORAL_PATCH = 2
 
 
 def frame_index_of_tokens(
@@ -262,14 +266,18 @@ class FrameAttentionRecorder:
                 raise RuntimeError(f"layer {layer}: the attention was called without "
                                    "hidden_states / position_embeddings; cannot recompute q.k")
             with torch.no_grad():
-                self._accumulate(module, hidden, rope)
+                self.accumulate(module, hidden, rope)
             self._seen.add(layer)
             return None
 
         return hook
 
     # -- the computation ---------------------------------------------------------------------
-    def _accumulate(self, module: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> None:
+    def accumulate(self, module: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> None:
+        """Fold one layer's attention (its input ``hidden`` and rotary ``rope``) into the result.
+
+        The hooks call it through the instance, so a caller may wrap it (the benchmark times
+        the capture work this way)."""
         prep = self._prep
         B, S = prep.shape
         if tuple(hidden.shape[:2]) != (B, S):

@@ -111,7 +111,7 @@ class Ours:
         self.processor, self.records, self.store = processor, records, store
 
     def step(self) -> dict[str, Any]:
-        from appo.rl import rollout
+        from appo.engine import rollout
         from appo.rl.trainer import RLTrainer
 
         def reward(texts, records):
@@ -121,11 +121,14 @@ class Ours:
         trainer = RLTrainer(self.model, self.processor, self.cfg, self.algo, self.records,
                             self.store, reward_fn=reward)
         setup = time.perf_counter() - t0
+        batches = []  # the step's rollout, kept for its token count
+        collect = trainer.collect
+        trainer.collect = lambda: batches.append(collect()) or batches[-1]
         torch.manual_seed(self.cfg.seed)
         with mock.patch.object(rollout, "stop_token_ids", lambda processor: []), \
                 rb.PeakMemory(torch.device("cpu")) as mem:
             seconds, metrics = rb.timed(torch.device("cpu"), trainer.train_step)
-        done = trainer.last_batch.rollout
+        done = batches[-1].rollout
         return {"step_s": seconds, "peak_mib": mem.mib, "rollout_s": metrics["rollout_time"],
                 "setup_s": setup, "tokens": int(done.response_mask.sum()),
                 "prompt_tokens": int(done.prompt_mask.sum()), "loss": metrics["loss"]}

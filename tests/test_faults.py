@@ -425,12 +425,21 @@ def test_full_disk_in_the_frames_stage_is_one_line(tmp_path, micro_params, monke
     assert message.endswith("No space left on device"), message
 
 
+def _sigint_default() -> None:
+    """The child gets SIGINT's default disposition, as a shell's foreground job does: a child
+    inherits an ignored SIGINT, and in-process ``dvc repro`` (earlier tests) ignores it while
+    its stage runs, so without this the signal could be lost and the test pass or fail by
+    test order."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_without_traceback(tmp_path, micro_params):
     params = micro_params("run", steps=200)
     metrics = tmp_path / "run" / "rl" / "grpo" / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "appo.stages.rl", "--algo", "grpo",
                              "--params", str(params)], env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     deadline = time.time() + 600  # generous: a niced test on a loaded machine crawls
     while not (metrics.is_file() and metrics.read_text()) and proc.poll() is None:
         assert time.time() < deadline

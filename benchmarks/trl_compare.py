@@ -122,8 +122,13 @@ class Ours:
                             self.store, reward_fn=reward)
         setup = time.perf_counter() - t0
         batches = []  # the step's rollout, kept for its token count
-        collect = trainer.collect
-        trainer.collect = lambda: batches.append(collect()) or batches[-1]
+        original_collect = trainer.collect
+
+        def collect():
+            batches.append(original_collect())
+            return batches[-1]
+
+        trainer.collect = collect
         torch.manual_seed(self.cfg.seed)
         with mock.patch.object(rollout, "stop_token_ids", lambda processor: []), \
                 rb.PeakMemory(torch.device("cpu")) as mem:

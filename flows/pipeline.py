@@ -3,13 +3,16 @@
 Each task runs ``dvc repro --single-item <stage>`` in the project, so Prefect and DVC share one
 cache and one notion of "up to date": the stage code lives only in ``dvc.yaml``, a task whose
 stage did not change finishes in seconds, and ``dvc status`` / ``dvc.lock`` describe what the
-flow did. Tasks run one after another (DVC holds a repository lock; the CPU has 2 cores).
-The whole run is one MLflow parent run; every stage's run nests under it.
+flow did. Independent stages (the RL algorithms, the evaluations) run ``jobs`` at a time: DVC
+releases its repository lock while a stage's command runs, and each stage is deterministic on
+its own pinned threads, so running two at once changes no number, only the wall time. The
+whole run is one MLflow parent run; every stage's run nests under it.
 
 Parameters: ``algorithms`` (a subset of the DAG's ``rl@`` items; default all), ``params_file``
 and ``overrides`` (``dotted.key=value``, applied to a validated temporary copy that stands in
 for params.yaml during the run, see :func:`appo.pipeline.params_installed`), ``force``,
-``keep_params``. A transient failure (killed process, lock or database contention) is retried.
+``keep_params``, ``jobs`` (stages at once; 0 = one per ``threads`` cores on CPU, one on a
+GPU). A transient failure (killed process, lock or database contention) is retried.
 
     python -m flows.pipeline                                  # make run; no server needed
     python -m flows.pipeline --algorithms grpo appo --set rl.steps=10
@@ -19,11 +22,14 @@ for params.yaml during the run, see :func:`appo.pipeline.params_installed`), ``f
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 
@@ -97,8 +103,11 @@ def run_stage(stage: str, force: bool = False) -> str:
     Returns "ran", "restored" (DVC run-cache hit) or "up to date".
     """
     logger = get_run_logger()
-    cmd = dvc_command("repro", "--single-item", *(["--force"] if force else []), stage)
-    logger.info("$ %s", " ".join(["dvc", *cmd[3:]]))
+    # --wait-for-lock: a stage running alongside briefly holds the repository lock while it
+    # checks and commits its outputs (never while its command runs)
+    cmd = dvc_command("--wait-for-lock", "repro", "--single-item",
+                      *(["--force"] if force else []), stage)
+    logger.info("$ %s", " ".join(["dvc", *cmd[4:]]))
     tail: deque[str] = deque(maxlen=200)
     status = "up to date"
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -127,6 +136,13 @@ def plan(algorithms: list[str] | None = None, project: str | Path = ".") -> list
     report) runs on the dropped stages' existing outputs, and is itself dropped (with a
     warning) when those do not exist.
     """
+    return list(plan_graph(algorithms, project))
+
+
+def plan_graph(algorithms: list[str] | None = None,
+               project: str | Path = ".") -> dict[str, set[str]]:
+    """:func:`plan` with each kept stage's upstream kept stages (what must finish first), in
+    the same order."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -156,14 +172,79 @@ def plan(algorithms: list[str] | None = None, project: str | Path = ".") -> list
                 print(f"warning: skipping {stage.addressing}: it needs outputs of stages not "
                       f"selected, which do not exist: {', '.join(missing)}")
                 continue
-            keep.append(stage.addressing)
-    return keep
+            keep.append(stage)
+        kept = set(keep)
+        return {stage.addressing: {up.addressing for up in nx.descendants(graph, stage)
+                                   if up in kept} for stage in keep}
+
+
+def auto_jobs(params_file: str | Path = "params.yaml") -> int:
+    """Stages at once when the user did not say: one per ``threads`` CPU cores (``threads: 0``,
+    all cores per stage: one), and one on a GPU, whose memory the stages would share."""
+    import yaml
+
+    params = yaml.safe_load(Path(params_file).read_text()) or {}
+    device = str((params.get("model") or {}).get("device", "auto"))
+    if device.startswith("cuda"):
+        return 1
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    threads = int(params.get("threads") or 0)
+    return max(1, (os.cpu_count() or 1) // threads) if threads > 0 else 1
+
+
+Handle = TypeVar("Handle")
+
+
+def schedule(upstream: dict[str, set[str]], jobs: int, submit: Callable[[str], Handle],
+             as_completed: Callable[[Iterable[Handle]], Iterator[Handle]],
+             on_start: Callable[[str], None] = lambda stage: None,
+             on_done: Callable[[str, Any], None] = lambda stage, result: None) -> dict[str, Any]:
+    """Run a DAG's stages at most ``jobs`` at a time, each as soon as its upstream is done.
+
+    ``upstream`` maps every stage (in the preferred start order) to the stages it waits for;
+    ``submit(stage)`` starts one and returns a handle whose ``result()`` waits for it (a
+    Prefect or ``concurrent.futures`` future); ``as_completed`` yields finished handles. After
+    a failure nothing new starts; the running stages finish, then the first error is raised.
+    Returns each stage's result, in completion order.
+    """
+    pending = list(upstream)
+    running: dict[str, Handle] = {}
+    results: dict[str, Any] = {}
+    error: BaseException | None = None
+    while pending or running:
+        while error is None and len(running) < max(1, jobs):
+            ready = next((s for s in pending if upstream[s] <= results.keys()), None)
+            if ready is None:
+                break
+            pending.remove(ready)
+            on_start(ready)
+            running[ready] = submit(ready)
+        if not running:
+            if error is None:
+                raise RuntimeError(f"stages {pending} wait for stages outside the plan")
+            break  # after a failure: the rest never starts
+        finished = next(iter(as_completed(list(running.values()))))
+        stage = next(s for s, h in running.items() if h is finished)
+        del running[stage]
+        try:
+            results[stage] = finished.result()
+        except Exception as exc:  # noqa: BLE001 - re-raised once the running stages are done
+            error = error or exc
+            continue
+        on_done(stage, results[stage])
+    if error is not None:
+        raise error
+    return results
 
 
 @flow(name="appo-pipeline", log_prints=True)
 def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yaml",
              overrides: list[str] | None = None, force: bool = False,
-             keep_params: bool = False, project_dir: str = ".") -> dict[str, str]:
+             keep_params: bool = False, project_dir: str = ".", jobs: int = 0) -> dict[str, str]:
     """data -> frames -> init_model -> sft -> rl@* -> eval@* -> report, then the comparison.
 
     Args:
@@ -173,6 +254,7 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
         force: rerun every selected stage even if DVC finds it up to date.
         keep_params: keep the effective params.yaml afterwards (default: restore the original).
         project_dir: the project (the folder holding dvc.yaml).
+        jobs: stages run at once; 0 = :func:`auto_jobs` (2 on the 2-core CPU at threads 1).
     """
     from appo.compare import compare
     from appo.mlflow_setup import parent_run
@@ -182,8 +264,10 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
     overrides = list(overrides or [])
     results: dict[str, str] = {}
     with working_dir(project), params_installed(project, params_file, overrides, keep_params):
-        stages = plan(algorithms, project)
-        logger.info("stages: %s", ", ".join(stages))
+        upstream = plan_graph(algorithms, project)
+        stages = list(upstream)
+        jobs = jobs if jobs > 0 else auto_jobs()
+        logger.info("stages (%d at a time): %s", jobs, ", ".join(stages))
         try:
             from prefect.runtime import flow_run
 
@@ -193,17 +277,27 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
         with parent_run("pipeline", tags={"runner": "prefect", "prefect_flow_run": flow_run_id},
                         params={"algorithms": ",".join(algorithms or ["all"]),
                                 "params_file": params_file,
-                                "overrides": " ".join(overrides) or "-", "force": force},
+                                "overrides": " ".join(overrides) or "-", "force": force,
+                                "jobs": jobs},
                         artifacts=["outputs/report/report.md", "outputs/report/summary.json"]
                         ) as parent_id:
             if parent_id:
                 logger.info("MLflow parent run %s", parent_id)
-            clock = RunClock(stages)
-            for stage in stages:
+            from prefect.futures import as_completed
+
+            clock = RunClock(stages, jobs=jobs)
+            began: dict[str, float] = {}
+
+            def start(stage: str) -> None:
                 logger.info(clock.line(stage))
-                began = time.monotonic()
-                results[stage] = run_stage(stage, force)
-                clock.finished(stage, time.monotonic() - began, results[stage] == "ran")
+                began[stage] = time.monotonic()
+
+            def done(stage: str, status: str) -> None:
+                clock.finished(stage, time.monotonic() - began[stage], status == "ran")
+
+            results = schedule(upstream, jobs, lambda stage: run_stage.submit(stage, force),
+                               as_completed, on_start=start, on_done=done)
+            results = {stage: results[stage] for stage in stages}
             logger.info("all %d stages done in %s", len(stages),
                         fmt_duration(time.monotonic() - clock.start))
         table = compare(from_files=True)
@@ -224,10 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-params", action="store_true",
                         help="keep the effective params.yaml afterwards")
     parser.add_argument("--project", default=".", help="project directory (dvc.yaml)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="stages at once (default 0: one per `threads` CPU cores, 1 on GPU)")
     args = parser.parse_args(argv)
     results = pipeline(algorithms=args.algorithms, params_file=args.params,
                        overrides=args.overrides, force=args.force,
-                       keep_params=args.keep_params, project_dir=args.project)
+                       keep_params=args.keep_params, project_dir=args.project,
+                       jobs=args.jobs)
     print("\n".join(f"{stage}: {status}" for stage, status in results.items()))
 
 

@@ -4,7 +4,9 @@ The estimate weighs each remaining stage by its typical share of a default run o
 CPU (``TYPICAL_SECONDS``: SFT and RL dominate, evaluations and set-up stages are short) and
 scales those weights by how fast this machine has been so far on the stages that actually ran.
 Stages DVC found up to date (or restored from its run cache) take seconds and say nothing
-about speed, so they count as done but not as a speed sample.
+about speed, so they count as done but not as a speed sample. With ``jobs`` stages at once the
+fanned-out kinds (one RL run and one evaluation per variant) share the slots; the chain before
+them (data, frames, SFT) and the report do not.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 # seconds per stage kind of the default `make run` on the 2-core CPU (README's timing)
-TYPICAL_SECONDS = {"data": 50.0, "frames": 15.0, "init_model": 10.0, "sft": 150.0, "rl": 95.0,
-                   "eval": 20.0, "report": 15.0}
+TYPICAL_SECONDS = {"data": 40.0, "frames": 25.0, "init_model": 10.0, "sft": 200.0, "rl": 110.0,
+                   "eval": 35.0, "report": 15.0}
 FALLBACK_SECONDS = 30.0  # a stage kind the table does not know (a user's own stage)
+FANNED_OUT = ("rl", "eval")  # one stage per variant: independent of each other
 
 
 def typical_seconds(stage: str) -> float:
@@ -36,6 +39,7 @@ class RunClock:
     """Tracks a run over a fixed plan of stages; :meth:`line` is the progress line."""
 
     stages: list[str]
+    jobs: int = 1  # stages at once
     start: float = field(default_factory=time.monotonic)
     done: list[str] = field(default_factory=list)
     measured: float = 0.0  # wall seconds of stages that ran
@@ -54,7 +58,9 @@ class RunClock:
             return None
         speed = self.measured / self.measured_typical
         left = [s for s in self.stages if s not in self.done]
-        return speed * sum(typical_seconds(s) for s in left)
+        fanned = sum(typical_seconds(s) for s in left if s.split("@", 1)[0] in FANNED_OUT)
+        chain = sum(typical_seconds(s) for s in left) - fanned
+        return speed * (chain + fanned / max(1, self.jobs))
 
     def line(self, stage: str, now: float | None = None) -> str:
         """``stage 4/18 sft | elapsed 2:31 | about 9:40 left`` for the stage about to start."""

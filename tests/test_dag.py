@@ -362,7 +362,7 @@ def micro(tmp_path_factory):
             mp.setenv(key, env[key])
         mp.delenv("APPO_PARENT_RUN_ID", raising=False)
         with prefect_test_harness(server_startup_timeout=600):  # slow on a busy machine
-            results = pipeline(project_dir=str(repo))
+            results = pipeline(project_dir=str(repo), jobs=2)  # stages side by side
             from prefect.client.orchestration import get_client
 
             with get_client(sync_client=True) as client:

@@ -94,6 +94,9 @@ class SyntheticConfig:
     families: list[str] = field(
         default_factory=lambda: ["flash_color", "flash_shape", "count", "order"]
     )
+    # Families of the sft split (None: ``families``). A family left out of the warm start is
+    # one only RL's outcome reward can teach: the headroom the algorithms are compared on.
+    sft_families: list[str] | None = None
     sft: int = 512  # questions per split (splits use disjoint seeds)
     rl: int = 256
     val: int = 64

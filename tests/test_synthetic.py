@@ -109,6 +109,19 @@ def test_families_are_balanced_and_unknown_is_rejected(tmp_path):
     assert set(Knobs().families) <= set(FAMILIES)
     with pytest.raises(ValueError, match="unknown family"):
         make_question("nope", np.random.default_rng(0), Knobs())
+    with pytest.raises(ValueError, match="data.synthetic.families: expected"):
+        generate_split(tmp_path, "val", 2, Knobs(families=["flash_colour"]))
+
+
+def test_a_family_left_out_of_sft_appears_in_every_other_split(tmp_path):
+    knobs = Knobs(sft_families=["flash_color", "count"])
+    sft = generate_split(tmp_path, "sft", 6, knobs)
+    assert [r.family for r in sft] == ["flash_color", "count"] * 3
+    assert all(r.process for r in sft)
+    rl = generate_split(tmp_path, "rl", 4, knobs)
+    assert [r.family for r in rl] == list(knobs.families)  # order included: RL must learn it
+    with pytest.raises(ValueError, match="data.synthetic.sft_families: expected"):
+        generate_split(tmp_path, "sft", 2, Knobs(sft_families=[]))
 
 
 @pytest.mark.parametrize("seed", range(6))

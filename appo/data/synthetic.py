@@ -208,6 +208,18 @@ def _spaced_slots(rng: np.random.Generator, n: int, count: int) -> list[int]:
     return [int(p) + i for i, p in enumerate(picks)]
 
 
+def split_families(split: str, knobs: SyntheticConfig) -> list[str]:
+    """The families a split is drawn from, checked against :data:`FAMILIES`."""
+    key, families = "families", knobs.families
+    if split == "sft" and knobs.sft_families is not None:
+        key, families = "sft_families", knobs.sft_families
+    unknown = [f for f in families if f not in FAMILIES]
+    if not families or unknown:
+        raise ValueError(f"data.synthetic.{key}: expected a non-empty list of {', '.join(FAMILIES)}"
+                         f"; got {families}")
+    return list(families)
+
+
 def generate_split(
     out_dir: str | Path,
     split: str,
@@ -219,11 +231,12 @@ def generate_split(
     """Write ``count`` videos of one split and its ``{split}.json`` annotation file.
 
     Splits draw from disjoint seed streams, so no video repeats across splits. The families of
-    ``knobs.families`` are interleaved (question i has family i mod len) so splits are balanced.
+    ``knobs.families`` (for the sft split ``knobs.sft_families`` when set) are interleaved
+    (question i has family i mod len) so splits are balanced.
     Frames are drawn in order from one stream (the output does not depend on ``workers``);
     encoding, 85% of the time, runs in ``workers`` processes (default: up to 4 cores).
     """
-    families = knobs.families
+    families = split_families(split, knobs)
     out_dir = Path(out_dir)
     video_dir = out_dir / "videos" / split
     video_dir.mkdir(parents=True, exist_ok=True)

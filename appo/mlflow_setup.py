@@ -146,7 +146,7 @@ def context_tags(tags: dict[str, str] | None = None) -> dict[str, str]:
     """Tags of a new run: git commit, DVC stage, algorithm, seed, data fingerprint, + ``tags``.
 
     The DVC stage comes from ``DVC_STAGE`` (set by ``dvc repro``); for a foreach stage such as
-    ``rl@appo`` or ``eval@sft`` the item is the run's ``algorithm`` (the variant compared).
+    ``rl@appo`` or ``eval_baseline@sft`` the item is the run's ``algorithm`` (the variant compared).
     Also :func:`provenance` (``dvc_exp``, ``config``). Explicit ``tags`` win. The parent is the
     open pipeline run (``APPO_PARENT_RUN_ID``), else, under ``dvc exp run``, the experiment's
     run (:func:`experiment_parent`); otherwise there is none.

@@ -33,13 +33,11 @@ from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 
-from appo.config import BASELINES
 from appo.pipeline import die_with_parent, dvc_command, params_installed, stage_env, working_dir
 from flows.progress import RunClock, fmt_duration
 
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
              "Connection reset", "Cannot allocate memory", "Killed")
-VARIANTS_WITHOUT_RL = BASELINES  # eval@ items that are not RL algorithms
 
 
 # DVC's closing advice after each stage ("To track the changes with git, run: git add ...",
@@ -132,7 +130,7 @@ def plan(algorithms: list[str] | None = None, project: str | Path = ".") -> list
     """The DAG's stages in dependency order (dvc.yaml order among independent ones).
 
     ``algorithms`` (None or empty: all) keeps only those ``rl@``/``eval@`` items
-    (``eval@base``/``eval@sft`` always stay). A kept stage downstream of a dropped one (the
+    (``eval_baseline@*`` always stay). A kept stage downstream of a dropped one (the
     report) runs on the dropped stages' existing outputs, and is itself dropped (with a
     warning) when those do not exist.
     """
@@ -161,7 +159,7 @@ def plan_graph(algorithms: list[str] | None = None,
                              f"{', '.join(dag_algos)})")
         dropped = {s for s in order if "@" in s.addressing
                    and s.addressing.split("@", 1)[0] in ("rl", "eval")
-                   and s.addressing.split("@", 1)[1] not in (*chosen, *VARIANTS_WITHOUT_RL)}
+                   and s.addressing.split("@", 1)[1] not in chosen}
         keep = []
         for stage in order:
             if stage in dropped:
@@ -245,7 +243,8 @@ def schedule(upstream: dict[str, set[str]], jobs: int, submit: Callable[[str], H
 def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yaml",
              overrides: list[str] | None = None, force: bool = False,
              keep_params: bool = False, project_dir: str = ".", jobs: int = 0) -> dict[str, str]:
-    """data -> frames -> init_model -> sft -> rl@* -> eval@* -> report, then the comparison.
+    """data -> frames -> init_model -> sft -> rl@* -> eval@* (+ eval_baseline@*) -> report,
+    then the comparison.
 
     Args:
         algorithms: RL algorithms to run (rl@/eval@ items of dvc.yaml); empty = all.

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 # seconds per stage kind of the default `make run` on the 2-core CPU (README's timing)
 TYPICAL_SECONDS = {"data": 40.0, "frames": 25.0, "init_model": 10.0, "sft": 200.0, "rl": 110.0,
-                   "eval": 35.0, "report": 15.0}
+                   "eval": 35.0, "eval_baseline": 35.0, "report": 15.0}
 FALLBACK_SECONDS = 30.0  # a stage kind the table does not know (a user's own stage)
-FANNED_OUT = ("rl", "eval")  # one stage per variant: independent of each other
+FANNED_OUT = ("rl", "eval", "eval_baseline")  # one stage per variant: independent of each other
 
 
 def typical_seconds(stage: str) -> float:

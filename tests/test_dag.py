@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from appo.config import ConfigError, RLConfig
+from appo.config import BASELINES, ConfigError, RLConfig
 from appo.pipeline import apply_overrides, params_installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ MICRO = [
 ]
 ALGORITHMS = ("grpo", "dapo", "appo", "appo-random", "tgrpo")  # the DAG's rl@ items, in order
 PRESETS_OUTSIDE_DAG = {"appo-uniform"}  # presets run by hand / in experiment files only
-ALL_STAGES = {"data", "frames", "init_model", "sft", "eval@base", "eval@sft", "report",
+ALL_STAGES = {"data", "frames", "init_model", "sft", "eval_baseline@base", "eval_baseline@sft",
+              "report",
               *(f"rl@{a}" for a in ALGORITHMS), *(f"eval@{a}" for a in ALGORITHMS)}
 LOGGING_STAGES = ALL_STAGES  # every stage logs an MLflow run
 
@@ -80,7 +81,8 @@ def test_dvc_metrics_are_headline_files_in_git_and_outputs_are_cached():
         metrics += body.get("metrics", [])
         outs += body.get("outs", []) + body.get("plots", [])
     paths = [next(iter(m)) for m in metrics]
-    assert paths == ["metrics/sft.json", "metrics/rl/${item}.json", "metrics/eval/${key}.json"]
+    assert paths == ["metrics/sft.json", "metrics/eval/${key}.json", "metrics/rl/${item}.json",
+                     "metrics/eval/${item}.json"]
     assert all(next(iter(m.values())) == {"cache": False} for m in metrics)
     examples = [re.sub(r"\$\{(item|key)\}", "appo", p) for p in paths]
     ignored = subprocess.run(["git", "check-ignore", *examples], cwd=ROOT, capture_output=True,
@@ -126,24 +128,42 @@ def test_dvc_metrics_show_fits_160_columns(tmp_path):
 
 
 def test_every_preset_is_trained_evaluated_and_reported():
-    """Each rl.algorithms preset of params.yaml (but the listed controls outside the DAG) is an
-    rl@ item, an eval@ item, a report input and a curve of both per-step plots (a new preset
-    cannot be left out of the comparison by accident)."""
+    """The algorithms are written once (``vars: algorithms``): rl, eval and both per-step plots
+    iterate over that list, and the report depends on the folders every variant writes into, so
+    a preset cannot be left out of the comparison by accident. Each rl.algorithms preset of
+    params.yaml (but the listed controls outside the DAG) is in the list."""
     dag = _dvc_yaml()
     all_presets = set(yaml.safe_load((ROOT / "params.yaml").read_text())["rl"]["algorithms"])
     assert all_presets == set(ALGORITHMS) | PRESETS_OUTSIDE_DAG
-    presets = all_presets - PRESETS_OUTSIDE_DAG
     assert dag["vars"][0]["algorithms"] == list(ALGORITHMS)
-    assert set(dag["stages"]["eval"]["foreach"]) == presets | {"base", "sft"}
-    report_deps = set(dag["stages"]["report"]["deps"])
-    for algo in presets:
-        assert {f"outputs/rl/{algo}/metrics.json", f"outputs/rl/{algo}/metrics.jsonl",
-                f"outputs/eval/{algo}/metrics.json",
-                f"outputs/eval/{algo}/predictions.jsonl"} <= report_deps, algo
+
+    def strings(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield str(k)
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+        else:
+            yield str(node)
+
+    for text in strings([dag["stages"], dag["plots"]]):  # no algorithm named outside vars
+        assert not [a for a in ALGORITHMS if text == a or f"/{a}/" in text or f"/{a}." in text
+                    or f"@{a}" in text or f"--algo {a}" in text], text
+    assert dag["stages"]["rl"]["foreach"] == dag["stages"]["eval"]["foreach"] == "${algorithms}"
+    assert set(dag["vars"][1]["baselines"]) == set(BASELINES)
+    assert {"outputs/rl", "outputs/eval"} <= set(dag["stages"]["report"]["deps"])
     for plot in dag["plots"][:2]:
         (spec,) = plot.values()
-        (curves,) = spec["y"].values()
-        assert set(curves) == presets
+        assert list(spec["y"].values()) == ["${algorithms}"]
+    # the baselines' evaluation is the algorithms' one: same code deps, params and outputs
+    ev, base = dag["stages"]["eval"]["do"], dag["stages"]["eval_baseline"]["do"]
+    assert ev["deps"][:-1] == base["deps"][:-1] and ev["params"] == base["params"]
+    assert [o.replace("${item}", "X") for o in ev["outs"]] == \
+        [o.replace("${key}", "X") for o in base["outs"]]
+    assert ev["cmd"].replace("outputs/rl/${item}/model", "${item}").replace("${item}", "X") == \
+        base["cmd"].replace("${key}", "X").replace("${item}", "X")
 
 
 def test_compare_table_keeps_variant_names_whole():
@@ -387,16 +407,17 @@ def test_prefect_flow_ran_every_stage_in_dag_order(micro):
     from flows.pipeline import plan
 
     repo = micro.repo
-    order = ["data", "frames", "init_model", "sft", *(f"rl@{a}" for a in ALGORITHMS),
-             "eval@base", "eval@sft", *(f"eval@{a}" for a in ALGORITHMS), "report"]
+    order = ["data", "frames", "init_model", "sft", "eval_baseline@base", "eval_baseline@sft",
+             *(f"rl@{a}" for a in ALGORITHMS),
+             *(f"eval@{a}" for a in ALGORITHMS), "report"]
     assert list(micro.results) == order
     assert set(micro.results.values()) == {"ran"}
     (artifact,) = [a for a in micro.artifacts if a.key == "appo-comparison"]
     assert "variant" in artifact.data and "MLflow parent run: [" in artifact.data
     assert "/#/experiments/" in artifact.data
     assert (repo / "params.yaml").read_text() == micro.params_text  # no overrides: untouched
-    assert plan(["grpo"], repo) == ["data", "frames", "init_model", "sft", "rl@grpo",
-                                    "eval@base", "eval@sft", "eval@grpo", "report"]
+    assert plan(["grpo"], repo) == ["data", "frames", "init_model", "sft", "eval_baseline@base",
+                                    "eval_baseline@sft", "rl@grpo", "eval@grpo", "report"]
     with pytest.raises(ValueError, match="not in dvc.yaml"):
         plan(["ppo"], repo)
     report = repo / "outputs" / "report"
@@ -462,7 +483,7 @@ def test_mlflow_parent_child_runs_and_compare(micro):
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(by_stage["report"]["run_id"])}
     assert {"report.md", "summary.json", "reward_curves.png", "final_accuracy.png"} <= artifacts
-    assert "metrics.json" in {a.path for a in client.list_artifacts(by_stage["eval@sft"]["run_id"])}
+    assert "metrics.json" in {a.path for a in client.list_artifacts(by_stage["eval_baseline@sft"]["run_id"])}
     # the report's comparison is a table artifact, not per-variant metrics crowding the charts
     assert {"comparison.json", "differences.json"} <= artifacts
     assert not [c for c in runs.columns if c.startswith("metrics.")

@@ -36,8 +36,10 @@ from prefect import flow, get_run_logger, task
 from appo.pipeline import die_with_parent, dvc_command, params_installed, stage_env, working_dir
 from flows.progress import RunClock, fmt_duration
 
+# "is busy": DVC's per-path lock, held by another dvc process on the same outputs (a hand-run
+# `dvc repro` beside the flow)
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Resource temporarily unavailable",
-             "Connection reset", "Cannot allocate memory", "Killed")
+             "Connection reset", "Cannot allocate memory", "Killed", "is busy, it is being blocked")
 
 
 # DVC's closing advice after each stage ("To track the changes with git, run: git add ...",

@@ -107,3 +107,17 @@ def test_auto_jobs(tmp_path, monkeypatch, params: str, cores: int, expected: int
     (tmp_path / "params.yaml").write_text(params)
     monkeypatch.setattr(flow_module.os, "cpu_count", lambda: cores)
     assert flow_module.auto_jobs(tmp_path / "params.yaml") == expected
+
+
+@pytest.mark.parametrize(("returncode", "output", "transient"), [
+    (1, "ERROR: failed to reproduce 'rl@appo': failed to run: python -m appo.stages.rl, "
+        "exited with 1\nerror: rl.lr must be >= 0", False),  # a real error: retrying won't help
+    (255, "ERROR: '/p/data/dataset' is busy, it is being blocked by:\n  (PID 7): dvc repro",
+     True),  # a hand-run dvc beside the flow holds DVC's per-path lock
+    (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
+    (1, "failed to run: python -m appo.stages.rl, exited with -9", True),  # killed (OOM killer)
+])
+def test_which_stage_failures_are_retried(returncode: int, output: str, transient: bool) -> None:
+    from flows.pipeline import StageFailed
+
+    assert StageFailed("rl@appo", returncode, output).transient is transient

@@ -33,12 +33,13 @@ def _variant(run: Any) -> str | None:
     return "sft" if tags.get("stage") == "sft" or name == "sft" else None
 
 
+# DVC stage group -> the kind of run it logs (the baselines' evaluations are evaluations)
+STAGE_KINDS = {"eval": "eval", "eval_baseline": "eval", "rl": "rl", "sft": "sft"}
+
+
 def _kind(run: Any) -> str | None:
     stage = str(run.get("tags.dvc_stage") or run.get("tags.stage") or "")
-    for kind in ("eval", "rl", "sft"):
-        if stage == kind or stage.startswith(f"{kind}@"):
-            return kind
-    return None
+    return STAGE_KINDS.get(stage.split("@", 1)[0])
 
 
 def compare_from_mlflow(experiment: str | None = None, all_runs: bool = False):

@@ -131,7 +131,8 @@ def dvc_runner(project: Path, variant: Variant, seed: int, overrides: list[str])
     """One run: ``dvc repro`` of the variant's eval stages (+ baselines) under MLflow."""
     from appo.pipeline import run_pipeline
 
-    targets = [f"eval@{a}" for a in variant.algorithms] + [f"eval_baseline@{b}" for b in BASELINES]
+    targets = [f"eval@{a}" for a in variant.algorithms]
+    targets += [f"eval_baseline@{b}" for b in BASELINES]
     run_pipeline(targets, project=project, overrides=overrides)
 
 

@@ -14,7 +14,7 @@ def test_fmt_duration() -> None:
 
 def test_stage_kinds_share_a_typical_duration() -> None:
     assert typical_seconds("rl@appo") == typical_seconds("rl@grpo") == 110.0
-    assert typical_seconds("eval@base") == 35.0
+    assert typical_seconds("eval_baseline@base") == 35.0
     assert typical_seconds("my_stage") == 30.0  # unknown: the fallback
 
 

@@ -15,8 +15,8 @@ from flows.pipeline import schedule
 DAG = {
     "data": set(), "sft": {"data"},
     "rl@a": {"data", "sft"}, "rl@b": {"data", "sft"},
-    "eval@sft": {"data", "sft"}, "eval@a": {"rl@a"}, "eval@b": {"rl@b"},
-    "report": {"eval@sft", "eval@a", "eval@b"},
+    "eval_baseline@sft": {"data", "sft"}, "eval@a": {"rl@a"}, "eval@b": {"rl@b"},
+    "report": {"eval_baseline@sft", "eval@a", "eval@b"},
 }
 
 
@@ -57,7 +57,7 @@ def test_at_most_jobs_at_once_and_upstream_first(jobs: int) -> None:
     rec = Recorder()
     results = schedule(DAG, jobs, rec.submit, as_completed)
     assert results == {stage: f"ran {stage}" for stage in DAG}
-    assert rec.peak == min(jobs, 3)  # the widest layer: rl@a, rl@b, eval@sft
+    assert rec.peak == min(jobs, 3)  # the widest layer: rl@a, rl@b, eval_baseline@sft
     for stage, ups in DAG.items():
         for up in ups:  # every upstream ended before the stage started
             assert rec.events.index(("end", up)) < rec.events.index(("start", stage))

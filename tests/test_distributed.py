@@ -47,6 +47,8 @@ def test_launch_configs_resolve_and_bad_names_fail_clearly(tmp_path, monkeypatch
     for name in ("ddp", "fsdp", "cpu-ddp"):
         cfg = yaml.safe_load(dist.resolve_launch_config(name).read_text())
         assert cfg["num_machines"] == 1 and cfg["num_processes"] >= 2
+    nodes = yaml.safe_load(dist.resolve_launch_config("multi-node").read_text())
+    assert nodes["num_machines"] == 2 and nodes["num_processes"] % nodes["num_machines"] == 0
     assert yaml.safe_load(dist.resolve_launch_config("fsdp").read_text())[
         "fsdp_config"]["fsdp_version"] == 2
     with pytest.raises(ValueError, match="rl.launch: 'deepspeed' is not 'none'.*cpu-ddp"):
@@ -87,12 +89,48 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(*args: str, processes: int) -> list[str]:
+def _launch(*args: str, processes: int, machine: tuple[int, int, int] | None = None) -> list[str]:
+    """The command for 1 process, N processes on this machine, or (with ``machine`` = (rank,
+    machines, port)) this machine's share of a launch over several "machines" on 127.0.0.1."""
     if processes == 1:
         return [sys.executable, *args]
+    where = []
+    if machine is not None:
+        rank, machines, port = machine
+        where = ["--num_machines", str(machines), "--machine_rank", str(rank),
+                 "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "configs" / "accelerate" / "cpu-ddp.yaml"),
-            "--num_processes", str(processes), *args]
+            "--num_processes", str(processes), *where, *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_machines(cmds: list[list[str]]) -> list[str]:
+    """Start one launcher per "machine" at once (they rendezvous), wait for all; their output.
+    Every process is killed at the end, also when one fails or hangs."""
+    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for c in cmds]
+    outs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=600)
+            outs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-5000:]
+    return outs
 
 
 def _run(cmd: list[str]) -> None:
@@ -144,6 +182,16 @@ def test_two_processes_update_like_one_on_the_same_global_batch(
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
     assert m1["appo/weight_mean"] == pytest.approx(m2["appo/weight_mean"], rel=1e-5)
 
+    # the same global batch over 2 "machines" x 1 process (two launchers, machine_rank 0 and
+    # 1, rendezvous on 127.0.0.1 over gloo) gives the 2-process update again
+    port = _free_port()
+    _run_machines([_launch(script, *common, "--out", str(tmp_path / "nodes"), processes=2,
+                           machine=(rank, 2, port)) for rank in (0, 1)])
+    nodes = [load_file(str(tmp_path / "nodes" / f"rank{r}.safetensors")) for r in (0, 1)]
+    for k in one:
+        assert torch.equal(nodes[0][k], nodes[1][k]), k
+        torch.testing.assert_close(nodes[0][k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+
 
 @pytest.mark.slow
 def test_rl_stage_trains_under_a_two_process_launch(micro_params):
@@ -161,3 +209,56 @@ def test_rl_stage_trains_under_a_two_process_launch(micro_params):
     assert [r["step"] for r in rows] == [0, 1]  # one row per step, not one per process
     assert all(r["groups_kept"] == 2 for r in rows)  # 1 + 1 whole groups, summed
     assert (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_rl_stage_trains_across_two_machines(micro_params):
+    """The same stage command on two "machines" (127.0.0.1, ``--machine-rank`` 0 and 1, gloo):
+    one data-parallel run of 2 processes; machine 0 writes the outputs, machine 1 takes no lock
+    (on a cluster each machine has its own disk or they share one)."""
+    params = micro_params("machines", prompts_per_step=2, num_generations=2, steps=2)
+    out = Path(yaml.safe_load(params.read_text())["rl"]["out_dir"]) / "dapo"
+    port = _free_port()
+    outs = _run_machines([[sys.executable, "-m", "appo.stages.rl", "--algo", "dapo", "--params",
+                           str(params), "--launch", "cpu-ddp", "--num-machines", "2",
+                           "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
+                           "--main-process-port", str(port)] for rank in (0, 1)])
+    assert "--machine_rank 1" in outs[1] and "--num_machines 2" in outs[0]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [0, 1]  # written once, by machine 0
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_machines_come_from_flags_then_environment_and_are_checked():
+    from appo.train.distributed import Machines
+
+    assert Machines.from_args(env={}) == Machines()  # one machine
+    assert Machines().launch_args() == []
+    env = {"APPO_NUM_MACHINES": "2", "APPO_MACHINE_RANK": "1", "APPO_MAIN_PROCESS_IP": "10.0.0.1"}
+    m = Machines.from_args(env=env)
+    assert (m.num_machines, m.machine_rank, m.main_process_ip, m.main_process_port) == \
+        (2, 1, "10.0.0.1", 29500)
+    assert not m.is_main_machine
+    assert m.launch_args() == ["--num_machines", "2", "--machine_rank", "1",
+                               "--main_process_ip", "10.0.0.1", "--main_process_port", "29500"]
+    assert Machines.from_args(machine_rank=0, env=env).is_main_machine  # the flag wins
+    with pytest.raises(ValueError, match="--machine-rank must be in \\[0, 1\\]"):
+        Machines.from_args(machine_rank=2, env=env)
+    with pytest.raises(ValueError, match="--main-process-ip"):
+        Machines(num_machines=2)
+    with pytest.raises(ValueError, match="APPO_MACHINE_RANK='x' is not a valid int"):
+        Machines.from_args(env={"APPO_MACHINE_RANK": "x"})
+
+
+def test_more_than_one_machine_needs_a_launch_config():
+    from appo.train.distributed import Machines, relaunch
+
+    with pytest.raises(ValueError, match="rl.launch is 'none' but this is one of several"):
+        relaunch("none", 0, "appo.stages.rl", [], Machines(2, 0, "127.0.0.1"))
+    # the multi-node config's 2 machines are the default: machine 1 needs machine 0's address
+    with pytest.raises(ValueError, match="--main-process-ip"):
+        relaunch("multi-node", 0, "appo.stages.rl", [], Machines(machine_rank=1))
+    assert Machines(machine_rank=1, main_process_ip="h").resolved(2).launch_args()[:4] == \
+        ["--num_machines", "2", "--machine_rank", "1"]

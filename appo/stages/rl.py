@@ -182,14 +182,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="override rl.launch: none, ddp, fsdp, cpu-ddp or an accelerate config")
     parser.add_argument("--headline", default=None,
                         help="also write the headline metrics (DVC's metrics file) here")
+    machines = parser.add_argument_group(
+        "across machines", "the same command on every machine, each with its own rank; "
+        "defaults from APPO_NUM_MACHINES, APPO_MACHINE_RANK, APPO_MAIN_PROCESS_IP, "
+        "APPO_MAIN_PROCESS_PORT (README: Running on a cluster)")
+    machines.add_argument("--num-machines", type=int, default=None)
+    machines.add_argument("--machine-rank", type=int, default=None)
+    machines.add_argument("--main-process-ip", default=None, help="address of machine 0")
+    machines.add_argument("--main-process-port", type=int, default=None)
     args = parser.parse_args(argv)
     cfg = load_section(RLConfig, "rl", args.params)
     cfg.algorithm(args.algo)  # an unknown preset fails before anything is created
-    # one run per output directory; a launch's parent holds the lock for its children
+    where = dist.Machines.from_args(args.num_machines, args.machine_rank, args.main_process_ip,
+                                    args.main_process_port)
+    # one run per output directory; a launch's parent on machine 0 (which writes the outputs)
+    # holds the lock for its children and for the other machines
     launched = bool(os.environ.get(dist.LAUNCHED_ENV))
-    with contextlib.nullcontext() if launched else output_lock(Path(cfg.out_dir) / args.algo):
+    unlocked = launched or not where.is_main_machine
+    with contextlib.nullcontext() if unlocked else output_lock(Path(cfg.out_dir) / args.algo):
         code = dist.relaunch(args.launch or cfg.launch, cfg.num_processes, MODULE,
-                             sys.argv[1:] if argv is None else argv)
+                             sys.argv[1:] if argv is None else argv, where)
         if code is not None:
             if code:
                 raise SystemExit(code)

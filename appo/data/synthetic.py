@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appo.config import SyntheticConfig
+from appo.config import ConfigError, SyntheticConfig
 from appo.data.schema import VideoQA
 from appo.io import atomic_write_text, atomic_write_video
 
@@ -215,7 +215,7 @@ def split_families(split: str, knobs: SyntheticConfig) -> list[str]:
         key, families = "sft_families", knobs.sft_families
     unknown = [f for f in families if f not in FAMILIES]
     if not families or unknown:
-        raise ValueError(f"data.synthetic.{key}: expected a non-empty list of {', '.join(FAMILIES)}"
+        raise ConfigError(f"data.synthetic.{key}: expected a non-empty list of {', '.join(FAMILIES)}"
                          f"; got {families}")
     return list(families)
 

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+
+from appo.config import ConfigError
 
 # Launch configs shipped with the project (rl.launch: <name> -> configs/accelerate/<name>.yaml).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
@@ -132,8 +135,6 @@ class Machines:
     main_process_port: int = 29500
 
     def __post_init__(self) -> None:
-        from appo.config import ConfigError
-
         if self.num_machines < 0:
             raise ConfigError(f"--num-machines must be >= 1 (0: the launch config's), got "
                               f"{self.num_machines}")
@@ -167,8 +168,6 @@ class Machines:
             try:
                 return cast(value)
             except ValueError:
-                from appo.config import ConfigError
-
                 raise ConfigError(f"APPO_{name}={value!r} is not a valid {cast.__name__}") \
                     from None
 
@@ -203,14 +202,10 @@ def relaunch(launch: str, num_processes: int, module: str, argv: Iterable[str],
         return None
     if launch == "none":
         if machines.num_machines > 1 or machines.machine_rank > 0:
-            from appo.config import ConfigError
-
             raise ConfigError("rl.launch is 'none' but this is one of several machines: name a "
                               "launch config (e.g. --launch multi-node) to run across machines")
         return None
     config = resolve_launch_config(launch)
-    import yaml
-
     machines = machines.resolved(int((yaml.safe_load(config.read_text()) or {})
                                      .get("num_machines") or 1))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]

@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup run test lint clean ui mlflow-ui gpu-check
+.PHONY: setup run test lint clean ui mlflow-ui gpu-check team-services
 
 setup: $(STAMP)
 
@@ -65,6 +65,14 @@ ui: setup
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+# Team services for sweeps over several machines (README: Running on a cluster): a Prefect
+# server, an MLflow tracking server and a folder DVC remote under team/, in the foreground
+# (Ctrl-C stops them); TEAM_HOST=0.0.0.0 listens for the other machines.
+TEAM_HOST ?= 127.0.0.1
+team-services: setup
+	$(PY) -m flows.cluster services --dir team --host $(TEAM_HOST) \
+		--prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 clean:
 	rm -rf data models outputs mlruns mlflow.db

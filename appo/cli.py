@@ -4,7 +4,8 @@
 params or inputs changed) under one MLflow parent run; ``python -m appo stage NAME`` runs one
 params-only stage without DVC; ``python -m appo compare`` prints the variants side by side
 (from MLflow, or with ``--from-files`` from ``outputs/``); ``python -m appo experiment FILE``
-runs a multi-seed experiment (:mod:`appo.experiment`) through the same pipeline.
+runs a multi-seed experiment (:mod:`appo.experiment`) through the same pipeline, one run
+after another or, with ``--pool``, over the workers of a Prefect work pool (flows/cluster.py).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     p_run = sub.add_parser("run", help="dvc repro the pipeline under one MLflow parent run")
     p_run.add_argument("targets", nargs="*", help="DVC stages (default: all)")
     p_run.add_argument("--params", default="params.yaml",
-                       help="params file to run with (installed as params.yaml for the run)")
+                       help="params file to run with (in its own workspace, outputs/runs/)")
     p_run.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="params override, e.g. rl.steps=10 (repeatable)")
-    p_run.add_argument("--keep-params", action="store_true",
-                       help="keep the effective params.yaml after a run with --params/--set")
+                       metavar="KEY=VALUE", help="params override, e.g. rl.steps=10 (repeatable; "
+                       "the run happens in outputs/runs/<overrides>-<hash>/, params.yaml is "
+                       "never touched)")
     p_run.add_argument("--force", action="store_true", help="rerun even unchanged stages")
     p_stage = sub.add_parser("stage", help="run one stage without DVC")
     p_stage.add_argument("name", choices=STAGES)
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     p_exp = sub.add_parser("experiment", help="multi-seed comparison / ablation (experiments/*.yaml)")
     p_exp.add_argument("file", help="experiment file, e.g. experiments/headline.yaml")
     p_exp.add_argument("--only", default=None, help="run just this variant")
+    p_exp.add_argument("--seed", type=int, default=None, help="run just this seed")
+    p_exp.add_argument("--pool", default=None,
+                       help="fan the runs out over the workers of this Prefect work pool "
+                       "(README: Running on a cluster)")
     p_exp.add_argument("--aggregate-only", action="store_true",
                        help="rebuild the tables from the runs already collected")
     args = parser.parse_args(argv)
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             from appo.pipeline import run_pipeline
 
             run_pipeline(args.targets, force=args.force, params_file=args.params,
-                         overrides=args.overrides, keep_params=args.keep_params)
+                         overrides=args.overrides)
         elif args.command == "compare":
             from appo.compare import compare
 
@@ -74,8 +79,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "experiment":
             from appo.experiment import render_markdown, run_experiment
 
-            print(render_markdown(run_experiment(args.file, only=args.only,
-                                                 aggregate_only=args.aggregate_only)))
+            fan_out = None
+            if args.pool:
+                from flows.cluster import pool_fan_out
+
+                fan_out = pool_fan_out(args.pool)
+            print(render_markdown(run_experiment(args.file, only=args.only, seed=args.seed,
+                                                 aggregate_only=args.aggregate_only,
+                                                 fan_out=fan_out)))
         else:
             run_stage(args.name, args.params)
     except (ConfigError, DataError, ModelError, ValueError, RuntimeError) as exc:

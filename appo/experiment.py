@@ -13,9 +13,11 @@
                    set: [rl.algorithms.appo.perception.w_max=1.35]}
 
 and, for every variant and seed, reproduces the ``eval@<algo>`` stages with ``dvc repro`` under
-an MLflow parent run (:func:`appo.pipeline.run_pipeline`): everything upstream comes from the DVC
-cache (one data set, one SFT checkpoint for all), and DVC's run cache restores a (variant,
-seed) that ran before instead of training it again. After each run its results are copied to
+an MLflow parent run (:func:`appo.pipeline.run_pipeline`), in the run's own workspace
+(:mod:`appo.workspace`; the project's params.yaml and outputs/ stay as they are): everything
+upstream comes from the shared DVC cache (one data set, one SFT checkpoint for all), and DVC's
+run cache restores a (variant, seed) that ran before instead of training it again. After each
+run its results are copied to
 ``outputs/experiments/<name>/<variant>/seed-<s>/<algo>/``; :func:`aggregate` then writes
 ``results.md``, ``results.json`` and plots beside them: mean accuracy over seeds with a 95%
 Student-t interval, per task family, perception hit rate, train time, and each algorithm's
@@ -104,6 +106,26 @@ class Experiment:
         return [(v, s) for v in self.variants for s in v.seeds]
 
 
+@dataclass
+class RunSpec:
+    """One (variant, seed) run of an experiment: its overrides and where its results go."""
+
+    variant: Variant
+    seed: int
+    overrides: list[str]
+    dest: Path  # outputs/experiments/<name>/<variant>/seed-<s>
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name} seed {self.seed}"
+
+    @property
+    def targets(self) -> list[str]:
+        """The DVC stages the run needs: its algorithms' and the baselines' evaluations."""
+        return [*(f"eval@{a}" for a in self.variant.algorithms),
+                *(f"eval_baseline@{b}" for b in BASELINES)]
+
+
 def run_overrides(exp: Experiment, variant: Variant, seed: int) -> list[str]:
     """Effective overrides of one run: the experiment's, the variant's, the seed and split."""
     return [*exp.overrides, *variant.overrides, f"rl.seed={seed}", f"eval.splits=[{exp.split}]"]
@@ -127,39 +149,69 @@ def collect_run(outputs: Path, dest: Path, algorithms: Sequence[str]) -> None:
                         shutil.copyfile(src, tmp)
 
 
-def dvc_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> None:
-    """One run: ``dvc repro`` of the variant's eval stages (+ baselines) under MLflow."""
+def dvc_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> Path:
+    """One run: ``dvc repro`` of the variant's eval stages (+ baselines) under MLflow; returns
+    the folder it ran in (its workspace)."""
     from appo.pipeline import run_pipeline
 
-    targets = [f"eval@{a}" for a in variant.algorithms]
-    targets += [f"eval_baseline@{b}" for b in BASELINES]
-    run_pipeline(targets, project=project, overrides=overrides)
+    spec = RunSpec(variant, seed, overrides, Path())
+    return run_pipeline(spec.targets, project=project, overrides=overrides)
 
 
-Runner = Callable[[Path, Variant, int, list[str]], None]
+# (project, variant, seed, overrides) -> the folder whose outputs/ hold the run's results
+Runner = Callable[[Path, Variant, int, list[str]], Path]
+# (project, runs) -> label -> reason for each run that failed: runs them all at once elsewhere
+# (flows.cluster: Prefect workers) and puts each one's results into its ``dest``
+FanOut = Callable[[Path, list[RunSpec]], dict[str, str]]
 
 
 def run_experiment(path: str | Path, *, project: str | Path = ".", only: str | None = None,
-                   aggregate_only: bool = False, runner: Runner = dvc_runner) -> dict[str, Any]:
-    """Every (variant, seed) of the experiment through ``runner`` (default: the DVC pipeline;
-    the Prefect flow passes its pipeline sub-flow), results collected, then the aggregate.
+                   seed: int | None = None, aggregate_only: bool = False,
+                   runner: Runner = dvc_runner, fan_out: FanOut | None = None) -> dict[str, Any]:
+    """Every (variant, seed) of the experiment, results collected, then the aggregate.
 
-    ``only`` runs a single variant; ``aggregate_only`` just rebuilds the tables from what ran.
+    One after another through ``runner`` (default: the DVC pipeline; the Prefect flow passes
+    its pipeline sub-flow), or all at once through ``fan_out`` (a Prefect work pool). ``only``
+    and ``seed`` select runs (to retry a failed one alone); ``aggregate_only`` just rebuilds
+    the tables from what ran. Runs that failed in a fan-out are named in the error raised
+    after the aggregate of the others (and in ``failed.json``).
     """
     project = Path(project).resolve()
     exp = Experiment.load(project / path)
     root = project / "outputs" / "experiments"
+    failures: dict[str, str] = {}
+    specs: list[RunSpec] = []
     if not aggregate_only:
-        runs = [(v, s) for v, s in exp.runs() if only is None or v.name == only]
-        if not runs:
-            raise ConfigError(f"{path}: no variant named {only!r}")
-        for i, (variant, seed) in enumerate(runs, 1):
-            print(f"experiment {exp.name}: run {i}/{len(runs)}: {variant.name} seed {seed}",
-                  flush=True)
-            runner(project, variant, seed, run_overrides(exp, variant, seed))
-            collect_run(project / "outputs", run_dir(root, exp, variant, seed),
-                        variant.algorithms)
-    return aggregate(exp, root / exp.name)
+        specs = [RunSpec(v, s, run_overrides(exp, v, s), run_dir(root, exp, v, s))
+                 for v, s in exp.runs()
+                 if (only is None or v.name == only) and (seed is None or s == seed)]
+        if not specs:
+            raise ConfigError(f"{path}: no run of variant {only or 'any'!r} with seed "
+                              f"{'any' if seed is None else seed}")
+        if fan_out is not None:
+            failures = fan_out(project, specs)
+        for i, spec in enumerate(specs if fan_out is None else [], 1):
+            print(f"experiment {exp.name}: run {i}/{len(specs)}: {spec.label}", flush=True)
+            where = runner(project, spec.variant, spec.seed, spec.overrides)
+            collect_run(Path(where) / "outputs", spec.dest, spec.variant.algorithms)
+    result = aggregate(exp, root / exp.name)
+    failed = root / exp.name / "failed.json"  # what still needs a retry, over earlier calls
+    still = {k: v for k, v in (_read(failed) or {}).items()
+             if aggregate_only or k not in {s.label for s in specs}}
+    still.update(failures)
+    if still:
+        atomic_write_json(failed, still)
+    else:
+        failed.unlink(missing_ok=True)
+    if failures:
+        first = next(s for s in specs if s.label in failures)
+        raise RuntimeError(
+            f"{len(failures)} of {len(specs)} runs failed: "
+            + "; ".join(f"{label}: {why}" for label, why in failures.items())
+            + f". The others are aggregated in {root / exp.name / 'results.md'}; retry one "
+            f"alone: python -m appo experiment {path} --only {first.variant.name} "
+            f"--seed {first.seed} [--pool ...]")
+    return result
 
 
 # --------------------------------------------------------------------------------------------

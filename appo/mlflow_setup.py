@@ -37,11 +37,16 @@ def enabled() -> bool:
     return True
 
 
+def tracking_uri(project: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the sqlite file ``mlflow.db`` of ``project``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(project) / 'mlflow.db').resolve()}"
+
+
 def configure(experiment: str | None = None) -> str:
     """Point MLflow at the configured store and experiment; returns the tracking URI."""
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     exp = mlflow.set_experiment(experiment or os.environ.get("APPO_EXPERIMENT", EXPERIMENT))
     if exp.tags.get(KIND_TAG) != KIND:
@@ -49,9 +54,10 @@ def configure(experiment: str | None = None) -> str:
     return uri
 
 
-def git_commit() -> str:
-    """HEAD of the git repository in the working directory ("unknown" outside one)."""
-    return _git_commit(os.getcwd())
+def git_commit(path: str | Path | None = None) -> str:
+    """HEAD of the git repository at ``path`` (default: the working directory; "unknown"
+    outside one)."""
+    return _git_commit(str(Path(path).resolve()) if path else os.getcwd())
 
 
 @functools.cache

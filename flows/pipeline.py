@@ -9,9 +9,9 @@ its own pinned threads, so running two at once changes no number, only the wall 
 whole run is one MLflow parent run; every stage's run nests under it.
 
 Parameters: ``algorithms`` (a subset of the DAG's ``rl@`` items; default all), ``params_file``
-and ``overrides`` (``dotted.key=value``, applied to a validated temporary copy that stands in
-for params.yaml during the run, see :func:`appo.pipeline.params_installed`), ``force``,
-``keep_params``, ``jobs`` (stages at once; 0 = one per ``threads`` cores on CPU, one on a
+and ``overrides`` (``dotted.key=value``: such a run happens in its own workspace,
+``outputs/runs/<overrides>-<hash>/``, sharing the DVC cache; params.yaml is never touched, see
+:mod:`appo.workspace`), ``force``, ``jobs`` (stages at once; 0 = one per ``threads`` cores on CPU, one on a
 GPU). A transient failure (killed process, lock or database contention) is retried.
 
     python -m flows.pipeline                                  # make run; no server needed
@@ -33,8 +33,11 @@ from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 
-from appo.pipeline import die_with_parent, dvc_command, params_installed, stage_env, working_dir
+from appo.pipeline import die_with_parent, dvc_command, stage_env, working_dir
+from appo.workspace import run_workspace
 from flows.progress import RunClock, fmt_duration
+
+PROJECT_ENV = "APPO_PROJECT"  # a sweep worker's clone (flows/cluster.py): where its runs run
 
 # "is busy": DVC's per-path lock, held by another dvc process on the same outputs (a hand-run
 # `dvc repro` beside the flow)
@@ -97,8 +100,9 @@ def _retry_transient(task, task_run, state) -> bool:
 
 @task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=15,
       retry_condition_fn=_retry_transient)
-def run_stage(stage: str, force: bool = False) -> str:
-    """``dvc repro --single-item STAGE``, its output streamed into the task log.
+def run_stage(stage: str, force: bool = False, pull: bool = False) -> str:
+    """``dvc repro --single-item STAGE``, its output streamed into the task log; with
+    ``pull``, outputs DVC's run cache knows but the local cache lacks come from the remote.
 
     Returns "ran", "restored" (DVC run-cache hit) or "up to date".
     """
@@ -106,7 +110,7 @@ def run_stage(stage: str, force: bool = False) -> str:
     # --wait-for-lock: a stage running alongside briefly holds the repository lock while it
     # checks and commits its outputs (never while its command runs)
     cmd = dvc_command("--wait-for-lock", "repro", "--single-item",
-                      *(["--force"] if force else []), stage)
+                      *(["--force"] if force else []), *(["--pull"] if pull else []), stage)
     logger.info("$ %s", " ".join(["dvc", *cmd[4:]]))
     tail: deque[str] = deque(maxlen=200)
     status = "up to date"
@@ -139,10 +143,10 @@ def plan(algorithms: list[str] | None = None, project: str | Path = ".") -> list
     return list(plan_graph(algorithms, project))
 
 
-def plan_graph(algorithms: list[str] | None = None,
-               project: str | Path = ".") -> dict[str, set[str]]:
+def plan_graph(algorithms: list[str] | None = None, project: str | Path = ".",
+               targets: list[str] | None = None) -> dict[str, set[str]]:
     """:func:`plan` with each kept stage's upstream kept stages (what must finish first), in
-    the same order."""
+    the same order; with ``targets``, only those stages and their upstream."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -173,9 +177,74 @@ def plan_graph(algorithms: list[str] | None = None,
                       f"selected, which do not exist: {', '.join(missing)}")
                 continue
             keep.append(stage)
+        if targets:
+            by_name = {s.addressing: s for s in keep}
+            unknown = sorted(set(targets) - set(by_name))
+            if unknown:
+                raise ValueError(f"stages {unknown} are not in the plan ({', '.join(by_name)})")
+            wanted = {by_name[t] for t in targets}
+            wanted |= {up for t in list(wanted) for up in nx.descendants(graph, t)}
+            keep = [s for s in keep if s in wanted]
         kept = set(keep)
         return {stage.addressing: {up.addressing for up in nx.descendants(graph, stage)
                                    if up in kept} for stage in keep}
+
+
+def check_commit(project: Path, expected: str | None) -> None:
+    """A sweep's runs must run the code it was started from: a worker's clone at another git
+    commit fails at once, with what to do."""
+    if not expected:
+        return
+    from appo.mlflow_setup import git_commit
+
+    actual = git_commit(project)
+    if actual != expected:
+        raise RuntimeError(f"{project} is at git commit {actual[:12]}, the sweep at "
+                           f"{expected[:12]}: update that clone (git pull) and restart its worker")
+
+
+def dvc_sync(action: str, logger: Any) -> None:
+    """``dvc fetch --run-cache`` (before a run: every stage any machine pushed can be restored)
+    or ``dvc push --run-cache`` (after: outputs and run records for the others), against the
+    default remote. A failed fetch only costs time (stages run); a failed push is an error."""
+    proc = subprocess.run(dvc_command(action, "--run-cache"), env=stage_env(), text=True,
+                          capture_output=True, check=False, preexec_fn=die_with_parent)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    if proc.returncode and action == "push":
+        raise RuntimeError(f"dvc push --run-cache failed: {' '.join(tail)} (is a default DVC "
+                           "remote set? dvc remote add -d NAME URL)")
+    if action == "push":
+        push_uncached_outputs()
+    logger.info("dvc %s --run-cache: %s", action,
+                "done" if not proc.returncode else "failed, stages will run: " + " ".join(tail))
+
+
+def push_uncached_outputs() -> None:
+    """``dvc push --run-cache`` leaves out the ``cache: false`` outputs (the headline files
+    under metrics/), yet another machine's run-cache restore of that stage needs them: without
+    them every machine retrains the SFT warm start. DVC committed them to the local cache when
+    it recorded the run; push those objects too."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        objs = [out.hash_info for stage in repo.index.stages for out in stage.outs
+                if not out.use_cache and out.hash_info and out.hash_info.value]
+        if objs:
+            repo.cloud.push(objs)
+
+
+def log_results(algorithms: list[str]) -> None:
+    """The run's result files, laid out as :func:`appo.experiment.collect_run` copies them,
+    as ``results/`` of the active MLflow run: where a sweep's submitter reads them."""
+    import tempfile
+
+    import mlflow
+
+    from appo.experiment import collect_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        collect_run(Path("outputs"), Path(tmp), algorithms)
+        mlflow.log_artifacts(tmp, "results")
 
 
 def auto_jobs(params_file: str | Path = "params.yaml") -> int:
@@ -244,7 +313,10 @@ def schedule(upstream: dict[str, set[str]], jobs: int, submit: Callable[[str], H
 @flow(name="appo-pipeline", log_prints=True)
 def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yaml",
              overrides: list[str] | None = None, force: bool = False,
-             keep_params: bool = False, project_dir: str = ".", jobs: int = 0) -> dict[str, str]:
+             project_dir: str = "", jobs: int = 0, stages: list[str] | None = None,
+             sync: bool = False, tags: dict[str, str] | None = None,
+             publish_results: bool = False, expect_commit: str | None = None
+             ) -> dict[str, str]:
     """data -> frames -> init_model -> sft -> rl@* -> eval@* (+ eval_baseline@*) -> report,
     then the comparison.
 
@@ -253,19 +325,30 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
         params_file: params file to run with, relative to the project.
         overrides: params overrides, each "dotted.key=value", e.g. "rl.steps=10".
         force: rerun every selected stage even if DVC finds it up to date.
-        keep_params: keep the effective params.yaml afterwards (default: restore the original).
-        project_dir: the project (the folder holding dvc.yaml).
+        project_dir: the project (the folder holding dvc.yaml); empty: ``$APPO_PROJECT`` (set
+            by a sweep worker for its clone), else the working directory.
         jobs: stages run at once; 0 = :func:`auto_jobs` (2 on the 2-core CPU at threads 1).
+        stages: run only these stages and what they need (default: the whole plan).
+        sync: fetch DVC's run cache from the default remote first and push outputs and run
+            cache afterwards, so machines share every stage's results (sweeps do).
+        tags: extra tags of the MLflow parent run.
+        publish_results: log the run's result files to the MLflow parent run (``results/``, the
+            layout :func:`appo.experiment.collect_run` copies), for a sweep's aggregation.
+        expect_commit: fail at once when the project's git commit differs (a worker's clone
+            must run the code the sweep was started from).
     """
     from appo.compare import compare
     from appo.mlflow_setup import parent_run
 
     logger = get_run_logger()
-    project = Path(project_dir).resolve()
+    project = Path(project_dir or os.environ.get(PROJECT_ENV) or ".").resolve()
     overrides = list(overrides or [])
     results: dict[str, str] = {}
-    with working_dir(project), params_installed(project, params_file, overrides, keep_params):
-        upstream = plan_graph(algorithms, project)
+    check_commit(project, expect_commit)
+    with run_workspace(project, params_file, overrides) as where, working_dir(where):
+        if sync:
+            dvc_sync("fetch", logger)
+        upstream = plan_graph(algorithms, where, stages)
         stages = list(upstream)
         jobs = jobs if jobs > 0 else auto_jobs()
         logger.info("stages (%d at a time): %s", jobs, ", ".join(stages))
@@ -275,7 +358,9 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
             flow_run_id = str(flow_run.id)
         except Exception:  # outside a flow run context
             flow_run_id = "-"
-        with parent_run("pipeline", tags={"runner": "prefect", "prefect_flow_run": flow_run_id},
+        worker = os.environ.get("PREFECT__WORKER_NAME", "-")  # set by a Prefect worker
+        with parent_run("pipeline", tags={"runner": "prefect", "prefect_flow_run": flow_run_id,
+                                          "prefect_worker": worker, **(tags or {})},
                         params={"algorithms": ",".join(algorithms or ["all"]),
                                 "params_file": params_file,
                                 "overrides": " ".join(overrides) or "-", "force": force,
@@ -296,11 +381,16 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
             def done(stage: str, status: str) -> None:
                 clock.finished(stage, time.monotonic() - began[stage], status == "ran")
 
-            results = schedule(upstream, jobs, lambda stage: run_stage.submit(stage, force),
+            results = schedule(upstream, jobs, lambda stage: run_stage.submit(stage, force, sync),
                                as_completed, on_start=start, on_done=done)
             results = {stage: results[stage] for stage in stages}
             logger.info("all %d stages done in %s", len(stages),
                         fmt_duration(time.monotonic() - clock.start))
+            if sync:
+                dvc_sync("push", logger)
+            if publish_results and parent_id:
+                log_results(algorithms or [s.split("@", 1)[1] for s in stages
+                                           if s.startswith("rl@")])
         table = compare(from_files=True)
         print("\n" + table)
         publish_summary(table, parent_id)
@@ -316,15 +406,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="params override (repeatable)")
     parser.add_argument("--force", action="store_true", help="rerun even unchanged stages")
-    parser.add_argument("--keep-params", action="store_true",
-                        help="keep the effective params.yaml afterwards")
-    parser.add_argument("--project", default=".", help="project directory (dvc.yaml)")
+    parser.add_argument("--project", default="", help="project directory (dvc.yaml; default: "
+                        "$APPO_PROJECT, else the working directory)")
+    parser.add_argument("--stages", nargs="+", default=None,
+                        help="run only these stages and what they need (e.g. sft)")
     parser.add_argument("--jobs", type=int, default=0,
                         help="stages at once (default 0: one per `threads` CPU cores, 1 on GPU)")
     args = parser.parse_args(argv)
     results = pipeline(algorithms=args.algorithms, params_file=args.params,
-                       overrides=args.overrides, force=args.force,
-                       keep_params=args.keep_params, project_dir=args.project,
+                       overrides=args.overrides, force=args.force, project_dir=args.project,
+                       stages=args.stages,
                        jobs=args.jobs)
     print("\n".join(f"{stage}: {status}" for stage, status in results.items()))
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("appo.config",),
     ("appo.io", "appo.mlflow_setup", "appo.stats", "appo.tables"),
-    ("appo.data", "appo.models", "appo.tracking", "appo.headline", "appo.pipeline"),
+    ("appo.data", "appo.models", "appo.tracking", "appo.headline", "appo.pipeline",
+     "appo.workspace"),
     ("appo.engine", "appo.train"),
     ("appo.rl",),
     ("appo.eval",),

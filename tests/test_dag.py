@@ -29,8 +29,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from appo.config import BASELINES, ConfigError, RLConfig
-from appo.pipeline import apply_overrides, params_installed
+from appo.config import BASELINES, RLConfig
+from appo.workspace import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = [
@@ -175,21 +175,6 @@ def test_compare_table_keeps_variant_names_whole():
                                                                         "appo-uniform"]})
     rows = [line.split() for line in format_table(df).splitlines()[1:]]
     assert rows == [["01234567", "appo-random"], ["01234567", "appo-uniform"]]
-
-
-def test_params_installed_applies_overrides_and_restores(tmp_path):
-    original = (ROOT / "params.yaml").read_text()
-    (tmp_path / "params.yaml").write_text(original)
-    with params_installed(tmp_path, "params.yaml", ["rl.steps=3", "eval.splits=[val]"]) as p:
-        live = yaml.safe_load(p.read_text())
-        assert live["rl"]["steps"] == 3 and live["eval"]["splits"] == ["val"]
-    assert (tmp_path / "params.yaml").read_text() == original
-    with pytest.raises(ConfigError, match="rl.stepz"), \
-            params_installed(tmp_path, "params.yaml", ["rl.stepz=3"]):
-        pass
-    assert (tmp_path / "params.yaml").read_text() == original
-    with pytest.raises(ValueError, match="dotted.key=value"):
-        apply_overrides({}, ["rl.steps"])
 
 
 def test_mlflow_experiment_opens_on_model_training(tmp_path, monkeypatch):
@@ -453,6 +438,32 @@ def test_dvc_repro_reruns_nothing_then_only_the_changed_algorithm(micro):
     for stage in ALL_STAGES - {"rl@appo", "eval@appo", "report"}:
         assert after[stage] == before[stage], stage
     assert _ran(_dvc(repo, env, "repro")) == set()
+
+
+@pytest.mark.slow
+def test_override_run_restores_upstream_and_leaves_the_project_alone(micro):
+    """``python -m appo run --set``: the run happens in its own workspace over the project's DVC
+    cache, where every upstream stage is restored from DVC's run cache and only the stage the
+    override changes runs; the project's params.yaml, dvc.lock and outputs stay as they were."""
+    repo, env = micro.repo, micro.env
+    project_files = ("params.yaml", "dvc.lock", "outputs/eval/grpo/metrics.json")
+    before = {name: (repo / name).read_bytes() for name in project_files}
+    out = _run([sys.executable, "-m", "appo", "run", "eval@grpo",
+                "--set", "eval.max_new_tokens=6"], repo, env)
+    assert _ran(out) == {"eval@grpo"}
+    assert set(re.findall(r"Stage '([^']+)' is cached - skipping run", out)) == {
+        "data", "frames", "init_model", "sft", "rl@grpo"}
+    (ws,) = (repo / "outputs" / "runs").iterdir()
+    assert ws.name.startswith("eval.max_new_tokens=6-")
+    assert yaml.safe_load((ws / "params.yaml").read_text())["eval"]["max_new_tokens"] == 6
+    assert json.loads((ws / "outputs/eval/grpo/metrics.json").read_text())["overall"]
+    assert _model_md5(_lock(ws), "rl@grpo") == _model_md5(_lock(repo), "rl@grpo")
+    assert {name: (repo / name).read_bytes() for name in project_files} == before
+    assert json.loads(_dvc(repo, env, "status", "--json")) == {}  # the workspace is not seen
+    runs = _mlflow_runs(micro)  # logged to the project's store
+    (parent_id,) = runs[runs["params.overrides"] == "eval.max_new_tokens=6"]["run_id"]
+    children = runs[runs["tags.mlflow.parentRunId"] == parent_id]
+    assert list(children["tags.dvc_stage"]) == ["eval@grpo"]
 
 
 @pytest.mark.slow

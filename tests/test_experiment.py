@@ -64,7 +64,7 @@ def test_shipped_experiments_load_and_name_real_presets(name):
     exp = Experiment.load(path)
     presets = set(yaml.safe_load((ROOT / "params.yaml").read_text())["rl"]["algorithms"])
     assert set(exp.algorithms) <= presets
-    from appo.pipeline import apply_overrides, validate_params
+    from appo.workspace import apply_overrides, validate_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for variant, seed in exp.runs():  # every run's params are valid
@@ -143,10 +143,47 @@ def test_run_experiment_calls_the_runner_per_run_and_collects(tmp_path):
     def runner(project, variant, seed, overrides):
         calls.append((variant.name, seed, overrides))
         _fake_outputs(project / "outputs", {"sft": 0.3, "appo": 0.4 + 0.1 * seed})
+        return project
 
     result = run_experiment("e.yaml", project=tmp_path, runner=runner)
     assert calls == [("main", s, ["rl.lr=1e-4", f"rl.seed={s}", "eval.splits=[test]"])
                      for s in (0, 1)]
     assert result["table"]["appo"]["accuracy"][0] == pytest.approx(0.45)
-    with pytest.raises(ConfigError, match="no variant named 'x'"):
+    with pytest.raises(ConfigError, match="no run of variant 'x'"):
         run_experiment("e.yaml", project=tmp_path, runner=runner, only="x")
+
+
+def test_fan_out_collects_the_finished_runs_and_names_the_failed_ones(tmp_path):
+    """The pool path (flows/cluster.py) in miniature: every run is handed over at once; a
+    failed run is named with the command that retries it alone, and the retry clears it."""
+    from appo.experiment import collect_run, run_experiment
+
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({
+        "name": "e", "seeds": [0, 1], "algorithms": ["appo"]}))
+    handed = []
+
+    def fan_out(project, specs, fail=(1,)):
+        handed.append([(s.label, s.targets, s.dest.relative_to(project)) for s in specs])
+        for s in specs:
+            if s.seed not in fail:
+                out = project / f"run-{s.seed}"
+                _fake_outputs(out, {"sft": 0.3, "appo": 0.4 + 0.1 * s.seed})
+                collect_run(out, s.dest, s.variant.algorithms)
+        return {s.label: "flow run crashed" for s in specs if s.seed in fail}
+
+    with pytest.raises(RuntimeError) as err:
+        run_experiment("e.yaml", project=tmp_path, fan_out=fan_out)
+    assert handed == [[(f"main seed {s}", ["eval@appo", "eval_baseline@base",
+                                           "eval_baseline@sft"],
+                        Path(f"outputs/experiments/e/main/seed-{s}")) for s in (0, 1)]]
+    assert str(err.value).startswith("1 of 2 runs failed: main seed 1: flow run crashed.")
+    assert "python -m appo experiment e.yaml --only main --seed 1" in str(err.value)
+    root = tmp_path / "outputs" / "experiments" / "e"
+    assert json.loads((root / "failed.json").read_text()) == {"main seed 1": "flow run crashed"}
+    assert json.loads((root / "results.json").read_text())["table"]["appo"]["seeds"] == [0]
+
+    result = run_experiment("e.yaml", project=tmp_path, only="main", seed=1,
+                            fan_out=lambda p, specs: fan_out(p, specs, fail=()))
+    assert [label for label, *_ in handed[-1]] == ["main seed 1"]  # the retry alone
+    assert result["table"]["appo"]["seeds"] == [0, 1]
+    assert not (root / "failed.json").exists()

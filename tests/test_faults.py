@@ -481,33 +481,28 @@ def test_overlong_prompt_is_dropped_or_fails(tmp_path, micro_params, synthetic_d
 
 
 # --------------------------------------------------------------------------------------------
-# 2. `python -m appo run --set`: a killed run neither leaves stages running nor lets its
-# overrides pass silently for the user's params.yaml (partly done: the file is still swapped
-# for the duration of the run, see the issue)
+# 2. `python -m appo run --set`: the run happens in its own workspace (appo/workspace.py), so
+# no kill can leave the user's params.yaml rewritten; its dvc and stages die with it
 
 
-def test_killed_override_run_is_refused_by_stages_and_undone_by_the_next_run(tmp_path,
-                                                                            monkeypatch):
-    from appo.pipeline import params_installed
-    from appo.stages import data
+def test_killed_override_run_leaves_params_yaml_untouched_and_reruns(tmp_path):
+    from dvc.repo import Repo
+
+    from appo.workspace import run_workspace
 
     original = "# my comment\n" + (REPO / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(original)
-    code = ("import os, signal, sys; from appo.pipeline import params_installed\n"
-            "with params_installed(sys.argv[1], 'params.yaml', ['rl.steps=3']):\n"
+    Repo.init(str(tmp_path), no_scm=True).close()
+    code = ("import os, signal, sys; from appo.workspace import run_workspace\n"
+            "with run_workspace(sys.argv[1], 'params.yaml', ['rl.steps=3']):\n"
             "    os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_env())
     assert proc.returncode == -signal.SIGKILL
-    assert (tmp_path / "params.yaml").read_text() != original  # the kill left the overrides
-
-    monkeypatch.chdir(tmp_path)  # a plain `dvc repro` runs each stage here
-    with pytest.raises(SystemExit, match=r"^error: params.yaml holds the overrides of a killed"):
-        data.main(["--params", "params.yaml"])
-    assert not (tmp_path / "data").exists()
-    with params_installed(tmp_path, "params.yaml", ["rl.steps=4"]) as live:
-        assert "steps: 4" in live.read_text()
+    assert (tmp_path / "params.yaml").read_text() == original  # never touched
+    # the killed run's workspace lock died with it: the same command runs again
+    with run_workspace(tmp_path, "params.yaml", ["rl.steps=3"]) as ws:
+        assert "steps: 3" in (ws / "params.yaml").read_text()
     assert (tmp_path / "params.yaml").read_text() == original
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 _RUNNER = """

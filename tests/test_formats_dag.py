@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # sibling test modules, whatever
 from test_dag import MICRO, ROOT, _dvc, _env, _ran, _run  # noqa: E402
 from test_real_formats import EVERY_FORMAT_COUNTS, every_format_benchmarks  # noqa: E402
 
-from appo.pipeline import apply_overrides  # noqa: E402
+from appo.workspace import apply_overrides  # noqa: E402
 
 
 @pytest.mark.slow

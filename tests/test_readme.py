@@ -62,8 +62,8 @@ def test_python_commands_exist_and_take_their_flags(command: str) -> None:
     if words[0] == "-m":
         target: tuple[str, ...] = ("-m", words[1])
         rest = words[2:]
-        if words[1] == "appo" and rest and not rest[0].startswith("-"):
-            target, rest = ("-m", "appo", rest[0]), rest[1:]  # a subcommand's own flags
+        if words[1] in ("appo", "flows.cluster") and rest and not rest[0].startswith("-"):
+            target, rest = ("-m", words[1], rest[0]), rest[1:]  # a subcommand's own flags
     else:
         assert (ROOT / words[0]).is_file(), f"{words[0]} does not exist"
         target, rest = (words[0],), words[1:]

@@ -33,7 +33,6 @@ def stage_main(main: Callable[..., None]) -> Callable[..., None]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
-            _check_params_owner()
             _watch_runner()
             _pin_threads(sys.argv[1:] if argv is None else argv)
             main(argv)
@@ -68,19 +67,6 @@ def _pin_threads(argv: list[str]) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _check_params_owner() -> None:
-    """Refuse to run on the overrides an interrupted ``python -m appo run --set`` left in
-    params.yaml (a plain ``dvc repro`` would otherwise use them silently)."""
-    from appo.config import ConfigError
-    from appo.pipeline import BACKUP, alive, override_runner
-
-    pid = override_runner()
-    if pid is not None and not (pid > 0 and alive(pid)):
-        raise ConfigError(f"params.yaml holds the overrides of a killed `python -m appo run`; "
-                          f"your own file is {BACKUP}: rerun `python -m appo run` (it puts it "
-                          "back) or move it back by hand", key="params.yaml")
 
 
 def _watch_runner() -> None:

@@ -131,6 +131,7 @@ def fetch_results(run_tag: str, dest: Path) -> None:
     from appo.io import atomic_path
     from appo.mlflow_setup import EXPERIMENT, configure
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # 12 bars per run
     configure()
     runs = mlflow.search_runs(experiment_names=[os.environ.get("APPO_EXPERIMENT", EXPERIMENT)],
                               filter_string=f"tags.appo_sweep_run = '{run_tag}'",
@@ -169,7 +170,7 @@ def pool_fan_out(pool: str) -> Callable[[Path, list[RunSpec]], dict[str, str]]:
             return {s.label: "the shared upstream run failed (see its Prefect logs)"
                     for s in specs}
         tag = {s.label: f"{sweep}/{s.variant.name}/seed-{s.seed}" for s in specs}
-        runs = {s.label: submit(deployment, f"{s.variant.name}-seed{s.seed}", {
+        runs = {s.label: submit(deployment, f"{sweep}-{s.variant.name}-seed{s.seed}", {
             **common, "overrides": s.overrides, "algorithms": s.variant.algorithms,
             "stages": s.targets, "publish_results": True,
             "tags": {"appo_sweep": sweep, "appo_sweep_run": tag[s.label]}}) for s in specs}
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
                           help="the team DVC remote (URL or path), set as this clone's default")
     p_worker.add_argument("--limit", type=int, default=1,
                           help="flow runs at once (default 1: one machine or GPU, one run)")
+    p_share = sub.add_parser("share", help="push this clone's outputs and run records to the "
+                             "team DVC remote, so sweeps restore them instead of rerunning")
+    p_share.add_argument("--project", default=".", help="this clone (default: here)")
     p_deploy = sub.add_parser("deploy", help="create or update the pool's deployment only")
     p_deploy.add_argument("--pool", required=True)
     p_srv = sub.add_parser("services", help="Prefect server + MLflow server + DVC remote")
@@ -318,6 +322,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "worker":
         worker(args.pool, Path(args.project).resolve(), args.name, args.dvc_remote, args.limit)
+    elif args.command == "share":
+        from types import SimpleNamespace
+
+        from appo.pipeline import working_dir
+        from flows.pipeline import dvc_sync
+
+        with working_dir(Path(args.project).resolve()):
+            dvc_sync("push", SimpleNamespace(info=lambda text, *a: print(text % a)))
     elif args.command == "services":
         services(Path(args.dir), args.host, args.prefect_port, args.mlflow_port,
                  args.dvc_remote, Path(args.project).resolve())

@@ -359,8 +359,11 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
         except Exception:  # outside a flow run context
             flow_run_id = "-"
         worker = os.environ.get("PREFECT__WORKER_NAME", "-")  # set by a Prefect worker
-        with parent_run("pipeline", tags={"runner": "prefect", "prefect_flow_run": flow_run_id,
-                                          "prefect_worker": worker, **(tags or {})},
+        tags = dict(tags or {})
+        run_name = tags.get("appo_sweep_run") or (  # a sweep's runs: named in MLflow's list
+            f"{tags['appo_sweep']}/upstream" if "appo_sweep" in tags else "pipeline")
+        with parent_run(run_name, tags={"runner": "prefect", "prefect_flow_run": flow_run_id,
+                                          "prefect_worker": worker, **tags},
                         params={"algorithms": ",".join(algorithms or ["all"]),
                                 "params_file": params_file,
                                 "overrides": " ".join(overrides) or "-", "force": force,

@@ -139,6 +139,8 @@ def test_sweep_fans_out_over_two_workers_and_equals_the_sequential_path(tmp_path
         runs = mlflow.search_runs(experiment_names=["appo"], output_format="pandas")
         per_seed = runs[runs["tags.appo_sweep_run"].notna()]
         assert sorted(per_seed["tags.prefect_worker"]) == ["w1", "w2"]  # one seed each
+        assert sorted(n.split("/", 1)[1] for n in per_seed["tags.mlflow.runName"]) == [
+            "main/seed-0", "main/seed-1"]
         stages = runs["tags.dvc_stage"].tolist()
         assert stages.count("sft") == 1  # trained once, restored from the remote by the other
         assert stages.count("rl@grpo") == 2
@@ -156,3 +158,27 @@ def test_sweep_fans_out_over_two_workers_and_equals_the_sequential_path(tmp_path
         raise
     finally:
         _stop(procs)
+
+
+def test_a_sweep_needs_team_services_and_a_clone_at_the_sweeps_commit(tmp_path, monkeypatch):
+    from appo.config import ConfigError
+    from appo.mlflow_setup import git_commit
+    from flows.cluster import check_services
+    from flows.pipeline import check_commit
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(ConfigError, match="PREFECT_API_URL"):
+        check_services()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")  # one machine's store
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI=http"):
+        check_services()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    check_services()
+
+    head = git_commit(ROOT)
+    assert len(head) == 40
+    check_commit(ROOT, head)
+    check_commit(ROOT, None)  # not a sweep: no check
+    with pytest.raises(RuntimeError, match=r"is at git commit \w{12}, the sweep at 000000000000"):
+        check_commit(ROOT, "0" * 40)

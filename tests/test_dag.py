@@ -405,6 +405,15 @@ def test_prefect_flow_ran_every_stage_in_dag_order(micro):
                                     "eval_baseline@sft", "rl@grpo", "eval@grpo", "report"]
     with pytest.raises(ValueError, match="not in dvc.yaml"):
         plan(["ppo"], repo)
+    from flows.pipeline import plan_graph
+
+    # --stages sft: the stage and what it needs (a sweep's shared upstream)
+    assert plan_graph(None, repo, ["sft", "eval_baseline@sft"]) == {
+        "data": set(), "frames": {"data"}, "init_model": set(),
+        "sft": {"data", "frames", "init_model"},
+        "eval_baseline@sft": {"data", "frames", "init_model", "sft"}}
+    with pytest.raises(ValueError, match=r"stages \['sftt'\] are not in the plan"):
+        plan_graph(None, repo, ["sftt"])
     report = repo / "outputs" / "report"
     for name in ("report.md", "summary.json", "comparison.csv", "reward_curves.png",
                  "accuracy_curves.png", "final_accuracy.png", "perception_hit_rate.png",

@@ -37,6 +37,7 @@ from typing import Any
 SECTIONS = {"data": "DataConfig", "frames": "FramesConfig", "model": "ModelConfig",
             "sft": "SFTConfig", "rl": "RLConfig", "eval": "EvalConfig"}
 RUNS_DIR = Path("outputs") / "runs"
+LINK_ABOVE = 8 << 20  # source files this large are hard-linked into a workspace, not copied
 MANIFEST = ".appo-files"  # the source files copied in, so the next sync removes deleted ones
 LOCK = ".appo-run.lock"
 # never copied: the project's own results and state (outputs/ holds the workspaces themselves)
@@ -220,10 +221,18 @@ def sync_workspace(project: Path, workspace: Path, params: dict[str, Any], heade
         (workspace / stale).unlink(missing_ok=True)
     for rel in files:
         src, dst = project / rel, workspace / rel
-        if dst.is_file() and dst.stat().st_size == src.stat().st_size \
-                and dst.read_bytes() == src.read_bytes():
+        size = src.stat().st_size
+        if dst.is_file() and dst.stat().st_size == size and (
+                os.path.samefile(src, dst) or dst.read_bytes() == src.read_bytes()):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        if size >= LINK_ABOVE:  # a large untracked file (a video, a checkpoint): no copy
+            try:
+                os.link(src, dst)
+                continue
+            except OSError:
+                pass
         shutil.copy2(src, dst)
     atomic_write_text(manifest, "\n".join(files) + "\n")
     for path in links:  # not outputs of the pipeline (rl.init = outputs/sft/model): DVC's job

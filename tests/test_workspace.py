@@ -121,6 +121,11 @@ def test_next_run_follows_edits_new_and_deleted_files(tmp_path, git):
         assert (ws / "appo" / "m.py").read_text() == "x = 2\n"
         assert (ws / "appo" / "new.py").read_text() == "y = 1\n"
         assert not (ws / "appo" / "gone.py").exists()
+    big = proj / "appo" / "big.bin"  # large and untracked: linked, not copied
+    big.write_bytes(b"\0" * (8 << 20))
+    with run_workspace(proj, "params.yaml", ["rl.steps=3"]):
+        assert (ws / "appo" / "big.bin").stat().st_ino == big.stat().st_ino
+        assert (ws / "appo" / "m.py").stat().st_ino != (proj / "appo" / "m.py").stat().st_ino
     files = source_files(proj)
     assert "appo/m.py" in files and "params.yaml" not in files
     assert not any(f.startswith(("data/", "outputs/", ".dvc/cache")) for f in files)

@@ -120,6 +120,11 @@ class RunSpec:
         return f"{self.variant.name} seed {self.seed}"
 
     @property
+    def experiment(self) -> str:
+        """The experiment's name (``dest`` is ``<root>/<name>/<variant>/seed-<s>``)."""
+        return self.dest.parent.parent.name
+
+    @property
     def targets(self) -> list[str]:
         """The DVC stages the run needs: its algorithms' and the baselines' evaluations."""
         return [*(f"eval@{a}" for a in self.variant.algorithms),

@@ -157,7 +157,7 @@ def pool_fan_out(pool: str) -> Callable[[Path, list[RunSpec]], dict[str, str]]:
 
         check_services()
         deployment = deploy(pool)
-        sweep = f"{specs[0].dest.parts[-3]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep = f"{specs[0].experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
         common = {"expect_commit": git_commit(), "sync": True}
         print(f"sweep {sweep}: {len(specs)} runs on pool {pool!r} ({deployment})", flush=True)
         first = specs[0]

@@ -164,6 +164,7 @@ def test_fan_out_collects_the_finished_runs_and_names_the_failed_ones(tmp_path):
 
     def fan_out(project, specs, fail=(1,)):
         handed.append([(s.label, s.targets, s.dest.relative_to(project)) for s in specs])
+        assert {s.experiment for s in specs} == {"e"}
         for s in specs:
             if s.seed not in fail:
                 out = project / f"run-{s.seed}"

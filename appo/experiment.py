@@ -154,17 +154,16 @@ def collect_run(outputs: Path, dest: Path, algorithms: Sequence[str]) -> None:
                         shutil.copyfile(src, tmp)
 
 
-def dvc_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> Path:
+def dvc_runner(project: Path, spec: RunSpec) -> Path:
     """One run: ``dvc repro`` of the variant's eval stages (+ baselines) under MLflow; returns
     the folder it ran in (its workspace)."""
     from appo.pipeline import run_pipeline
 
-    spec = RunSpec(variant, seed, overrides, Path())
-    return run_pipeline(spec.targets, project=project, overrides=overrides)
+    return run_pipeline(spec.targets, project=project, overrides=spec.overrides)
 
 
-# (project, variant, seed, overrides) -> the folder whose outputs/ hold the run's results
-Runner = Callable[[Path, Variant, int, list[str]], Path]
+# (project, run) -> the folder whose outputs/ hold the run's results
+Runner = Callable[[Path, RunSpec], Path]
 # (project, runs) -> label -> reason for each run that failed: runs them all at once elsewhere
 # (flows.cluster: Prefect workers) and puts each one's results into its ``dest``
 FanOut = Callable[[Path, list[RunSpec]], dict[str, str]]
@@ -195,10 +194,11 @@ def run_experiment(path: str | Path, *, project: str | Path = ".", only: str | N
                               f"{'any' if seed is None else seed}")
         if fan_out is not None:
             failures = fan_out(project, specs)
-        for i, spec in enumerate(specs if fan_out is None else [], 1):
-            print(f"experiment {exp.name}: run {i}/{len(specs)}: {spec.label}", flush=True)
-            where = runner(project, spec.variant, spec.seed, spec.overrides)
-            collect_run(Path(where) / "outputs", spec.dest, spec.variant.algorithms)
+        else:
+            for i, spec in enumerate(specs, 1):
+                print(f"experiment {exp.name}: run {i}/{len(specs)}: {spec.label}", flush=True)
+                where = runner(project, spec)
+                collect_run(Path(where) / "outputs", spec.dest, spec.variant.algorithms)
     result = aggregate(exp, root / exp.name)
     failed = root / exp.name / "failed.json"  # what still needs a retry, over earlier calls
     still = {k: v for k, v in (_read(failed) or {}).items()

@@ -39,7 +39,8 @@ def enabled() -> bool:
 
 def tracking_uri(project: str | Path = ".") -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the sqlite file ``mlflow.db`` of ``project``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(project) / 'mlflow.db').resolve()}"
+    local = (Path(project) / "mlflow.db").resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local}"
 
 
 def configure(experiment: str | None = None) -> str:

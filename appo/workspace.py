@@ -90,21 +90,24 @@ def validate_params(params: dict[str, Any]) -> None:
 # workspaces
 
 
+def _source(project: Path, params_file: str | Path) -> Path:
+    return Path(params_file) if Path(params_file).is_absolute() else project / params_file
+
+
 def effective_params(project: Path, params_file: str | Path,
                      overrides: Sequence[str]) -> dict[str, Any]:
     """``params_file`` (relative to ``project``) with ``overrides`` applied, validated."""
     from appo.config import load_yaml
 
-    source = Path(params_file) if Path(params_file).is_absolute() else project / params_file
-    params = apply_overrides(load_yaml(source), overrides)
+    params = apply_overrides(load_yaml(_source(project, params_file)), overrides)
     validate_params(params)
     return params
 
 
 def needs_workspace(project: Path, params_file: str | Path, overrides: Sequence[str]) -> bool:
     """A run needs its own workspace unless it uses the project's params.yaml as it is."""
-    source = Path(params_file) if Path(params_file).is_absolute() else project / params_file
-    return bool(overrides) or source.resolve() != (project / "params.yaml").resolve()
+    return bool(overrides) or \
+        _source(project, params_file).resolve() != (project / "params.yaml").resolve()
 
 
 def workspace_name(params_file: str | Path, overrides: Sequence[str],
@@ -121,11 +124,16 @@ def workspace_name(params_file: str | Path, overrides: Sequence[str],
 def workspace_path(project: str | Path, params_file: str | Path = "params.yaml",
                    overrides: Sequence[str] = ()) -> Path:
     """Where a run with these params happens: the project itself, or its workspace."""
-    project = Path(project).resolve()
+    return _resolve(Path(project).resolve(), params_file, overrides)[0]
+
+
+def _resolve(project: Path, params_file: str | Path, overrides: Sequence[str]
+             ) -> tuple[Path, dict[str, Any] | None]:
+    """(folder of the run, its effective params; None when that is the project itself)."""
     if not needs_workspace(project, params_file, overrides):
-        return project
+        return project, None
     params = effective_params(project, params_file, overrides)
-    return project / RUNS_DIR / workspace_name(params_file, overrides, params)
+    return project / RUNS_DIR / workspace_name(params_file, overrides, params), params
 
 
 def source_files(project: Path) -> list[str]:
@@ -255,11 +263,10 @@ def run_workspace(project: str | Path = ".", params_file: str | Path = "params.y
     store for the duration. Params are validated before anything is written.
     """
     project = Path(project).resolve()
-    if not needs_workspace(project, params_file, overrides):
+    workspace, params = _resolve(project, params_file, overrides)
+    if params is None:
         yield project
         return
-    params = effective_params(project, params_file, overrides)
-    workspace = project / RUNS_DIR / workspace_name(params_file, overrides, params)
     workspace.mkdir(parents=True, exist_ok=True)
     with open(workspace / LOCK, "a") as lock:
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from typing import Any
 from appo.config import BASELINES, ConfigError
 from appo.experiment import RunSpec
 from flows.pipeline import PROJECT_ENV, pipeline
+from flows.serve import api_up
 
 FLOW = "appo-pipeline"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -207,14 +209,18 @@ def worker(pool: str, project: Path, name: str | None, dvc_remote: str | None,
     os.execvpe(cmd[0], cmd, env)
 
 
-def _health(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+def stop_process_groups(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """SIGTERM each still running process's group (a server and its workers), then SIGKILL
+    what has not exited within ``timeout`` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def services(directory: Path, host: str, prefect_port: int, mlflow_port: int,
@@ -229,7 +235,6 @@ def services(directory: Path, host: str, prefect_port: int, mlflow_port: int,
       machine mounts), set as this clone's default.
 
     Prints and writes ``<directory>/env.sh`` with what every machine exports."""
-    import signal
     import socket
 
     from appo.pipeline import dvc_command
@@ -256,26 +261,19 @@ def services(directory: Path, host: str, prefect_port: int, mlflow_port: int,
                           "--artifacts-destination", str(directory / "mlartifacts")],
                          env=env, start_new_session=True)]
 
-    def stop(*_: Any) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        raise SystemExit(0)
+    def stop(*_: Any, code: int = 0) -> None:
+        stop_process_groups(procs, timeout=20)
+        raise SystemExit(code)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     deadline = time.monotonic() + timeout
-    while not (_health(f"http://{local}:{prefect_port}/api/health")
-               and _health(f"http://{local}:{mlflow_port}/health")):
+    while not (api_up(f"http://{local}:{prefect_port}/api")
+               and api_up(f"http://{local}:{mlflow_port}")):
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
             print("error: a team server did not come up (port in use?)", file=sys.stderr)
-            stop()
+            stop(code=1)
         time.sleep(1)
     lines = [f"export PREFECT_API_URL={prefect_url}", f"export MLFLOW_TRACKING_URI={mlflow_url}",
              f"export APPO_DVC_REMOTE={remote}"]
@@ -289,7 +287,7 @@ def services(directory: Path, host: str, prefect_port: int, mlflow_port: int,
     while all(p.poll() is None for p in procs):
         time.sleep(2)
     print("error: a team server stopped", file=sys.stderr)
-    stop()
+    stop(code=1)
 
 
 def main(argv: list[str] | None = None) -> None:

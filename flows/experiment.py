@@ -16,15 +16,15 @@ from pathlib import Path
 
 from prefect import flow
 
-from appo.experiment import Variant, render_markdown, run_experiment
+from appo.experiment import RunSpec, render_markdown, run_experiment
 from appo.workspace import workspace_path
 from flows.pipeline import pipeline
 
 
-def _pipeline_runner(project: Path, variant: Variant, seed: int, overrides: list[str]) -> Path:
-    pipeline.with_options(flow_run_name=f"{variant.name}-seed{seed}")(
-        algorithms=variant.algorithms, overrides=overrides, project_dir=str(project))
-    return workspace_path(project, "params.yaml", overrides)
+def _pipeline_runner(project: Path, spec: RunSpec) -> Path:
+    pipeline.with_options(flow_run_name=f"{spec.variant.name}-seed{spec.seed}")(
+        algorithms=spec.variant.algorithms, overrides=spec.overrides, project_dir=str(project))
+    return workspace_path(project, "params.yaml", spec.overrides)
 
 
 @flow(name="appo-experiment", log_prints=True)

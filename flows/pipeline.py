@@ -11,8 +11,9 @@ whole run is one MLflow parent run; every stage's run nests under it.
 Parameters: ``algorithms`` (a subset of the DAG's ``rl@`` items; default all), ``params_file``
 and ``overrides`` (``dotted.key=value``: such a run happens in its own workspace,
 ``outputs/runs/<overrides>-<hash>/``, sharing the DVC cache; params.yaml is never touched, see
-:mod:`appo.workspace`), ``force``, ``jobs`` (stages at once; 0 = one per ``threads`` cores on CPU, one on a
-GPU). A transient failure (killed process, lock or database contention) is retried.
+:mod:`appo.workspace`), ``force``, ``jobs`` (stages at once; 0 = one per ``threads`` cores on
+CPU, one on a GPU), and for sweeps ``stages``, ``sync``, ``tags``, ``publish_results``,
+``expect_commit`` (flows/cluster.py). A transient failure (killed process, lock or database contention) is retried.
 
     python -m flows.pipeline                                  # make run; no server needed
     python -m flows.pipeline --algorithms grpo appo --set rl.steps=10
@@ -349,9 +350,9 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
         if sync:
             dvc_sync("fetch", logger)
         upstream = plan_graph(algorithms, where, stages)
-        stages = list(upstream)
+        planned = list(upstream)
         jobs = jobs if jobs > 0 else auto_jobs()
-        logger.info("stages (%d at a time): %s", jobs, ", ".join(stages))
+        logger.info("stages (%d at a time): %s", jobs, ", ".join(planned))
         try:
             from prefect.runtime import flow_run
 
@@ -374,7 +375,7 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
                 logger.info("MLflow parent run %s", parent_id)
             from prefect.futures import as_completed
 
-            clock = RunClock(stages, jobs=jobs)
+            clock = RunClock(planned, jobs=jobs)
             began: dict[str, float] = {}
 
             def start(stage: str) -> None:
@@ -386,13 +387,13 @@ def pipeline(algorithms: list[str] | None = None, params_file: str = "params.yam
 
             results = schedule(upstream, jobs, lambda stage: run_stage.submit(stage, force, sync),
                                as_completed, on_start=start, on_done=done)
-            results = {stage: results[stage] for stage in stages}
-            logger.info("all %d stages done in %s", len(stages),
+            results = {stage: results[stage] for stage in planned}
+            logger.info("all %d stages done in %s", len(planned),
                         fmt_duration(time.monotonic() - clock.start))
             if sync:
                 dvc_sync("push", logger)
             if publish_results and parent_id:
-                log_results(algorithms or [s.split("@", 1)[1] for s in stages
+                log_results(algorithms or [s.split("@", 1)[1] for s in planned
                                            if s.startswith("rl@")])
         table = compare(from_files=True)
         print("\n" + table)

@@ -11,8 +11,6 @@ its process group at the end, also on failure.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ import pytest
 import yaml
 
 from appo.workspace import apply_overrides
+from flows.cluster import stop_process_groups
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dag import MICRO, ROOT, _dvc, _env, _run  # noqa: E402
@@ -67,18 +66,6 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float) -> None
         assert not dead, f"exited early: {dead}"
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f}s"
         time.sleep(1)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _comparable(results: dict) -> dict:
@@ -157,7 +144,7 @@ def test_sweep_fans_out_over_two_workers_and_equals_the_sequential_path(tmp_path
             print(f"--- {log.name}\n{log.read_text()[-3000:]}")
         raise
     finally:
-        _stop(procs)
+        stop_process_groups(procs)
 
 
 def test_a_sweep_needs_team_services_and_a_clone_at_the_sweeps_commit(tmp_path, monkeypatch):

@@ -140,9 +140,9 @@ def test_run_experiment_calls_the_runner_per_run_and_collects(tmp_path):
         "name": "e", "seeds": [0, 1], "algorithms": ["appo"], "set": ["rl.lr=1e-4"]}))
     calls = []
 
-    def runner(project, variant, seed, overrides):
-        calls.append((variant.name, seed, overrides))
-        _fake_outputs(project / "outputs", {"sft": 0.3, "appo": 0.4 + 0.1 * seed})
+    def runner(project, spec):
+        calls.append((spec.variant.name, spec.seed, spec.overrides))
+        _fake_outputs(project / "outputs", {"sft": 0.3, "appo": 0.4 + 0.1 * spec.seed})
         return project
 
     result = run_experiment("e.yaml", project=tmp_path, runner=runner)

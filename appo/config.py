@@ -97,6 +97,11 @@ class SyntheticConfig:
     # Families of the sft split (None: ``families``). A family left out of the warm start is
     # one only RL's outcome reward can teach: the headroom the algorithms are compared on.
     sft_families: list[str] | None = None
+    # The sft split's chains of thought come from a simulated teacher that misperceives: on a
+    # question of appo.data.synthetic.TEACHER_CONFUSIONS (3 or 4 count flashes) it reports one
+    # flash fewer with this probability. Above 0.5 the warm start inherits the error, and RL's
+    # verified reward can correct it.
+    teacher_error: float = 0.0
     sft: int = 512  # questions per split (splits use disjoint seeds)
     rl: int = 256
     val: int = 64

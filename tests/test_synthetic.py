@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -143,3 +145,40 @@ def test_split_is_the_same_with_any_number_of_encoding_workers(tmp_path):
     assert one == two
     for qa in one:
         assert (tmp_path / "one" / qa.video).read_bytes() == (tmp_path / "two" / qa.video).read_bytes()
+
+
+def _truth_and_teacher(family: str, seed: int) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    frames, truth = make_question(family, np.random.default_rng(seed), Knobs())
+    frames_t, teacher = make_question(family, np.random.default_rng(seed), Knobs(), misperceive=True)
+    return truth, teacher, frames, frames_t
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_misperceiving_teacher_misses_one_of_three_or_four_flashes_and_nothing_else(seed):
+    truth, teacher, frames, frames_t = _truth_and_teacher("count", seed)
+    np.testing.assert_array_equal(frames, frames_t)  # the video is the truth
+    assert teacher["key_frames"] == truth["key_frames"]
+    n = int(truth["answer"])
+    assert int(teacher["answer"]) == (n - 1 if n >= 3 else n)
+    times = re.findall(r"\d\.\ds", teacher["process"])
+    assert len(times) == int(teacher["answer"])  # the chain of thought agrees with the answer
+    assert times == re.findall(r"\d\.\ds", truth["process"])[: len(times)]  # the last one missed
+    for family in ("flash_color", "flash_shape", "flash_position", "order"):
+        truth, teacher, _, _ = _truth_and_teacher(family, seed)
+        assert teacher == truth
+
+
+def test_teacher_error_labels_only_the_sft_split_and_keeps_its_videos(tmp_path):
+    n, knobs = 240, Knobs(families=["count"])
+    clean = generate_split(tmp_path / "a", "sft", n, knobs, workers=1)
+    noisy = generate_split(tmp_path / "b", "sft", n, dataclasses.replace(knobs, teacher_error=0.6),
+                           workers=1)
+    for a, b in zip(clean, noisy, strict=True):
+        assert (tmp_path / "a" / a.video).read_bytes() == (tmp_path / "b" / b.video).read_bytes()
+        assert b.answer == a.answer or (a.answer in "34" and int(b.answer) == int(a.answer) - 1)
+    many = [b.answer != a.answer for a, b in zip(clean, noisy, strict=True) if a.answer in "34"]
+    assert 0.45 < sum(many) / len(many) < 0.75  # about 0.6 of ~120 (binomial sd ~0.045)
+    rl = generate_split(tmp_path / "c", "rl", 8, Knobs(teacher_error=0.6), workers=1)
+    assert rl == generate_split(tmp_path / "d", "rl", 8, Knobs(), workers=1)
+    with pytest.raises(ValueError, match="data.synthetic.teacher_error: expected a probability"):
+        generate_split(tmp_path / "e", "sft", 2, Knobs(teacher_error=1.5))

@@ -15,6 +15,14 @@ Families (answer formats are mixed: option letters and numbers):
   choice, the 4 colours: both flashes must be seen, and their order)
 Options are listed in a fixed order per family: binding a shuffled letter is a language skill
 that a from-scratch model learns far slower than perception.
+
+The sft split's chains of thought are a simulated teacher's (as Video-R1's CoT data was written
+by a larger VLM). With ``teacher_error`` > 0 the teacher misperceives: on a question listed in
+:data:`TEACHER_CONFUSIONS` (``count`` with three or four flashes: half of that family) it misses
+one flash with that probability, in the chain of thought and the answer alike. The video is the
+truth; the rl, val and test splits are always labelled by the truth. Above 0.5 the
+warm start learns the error as the more likely answer, while the truth stays a likely sample:
+the headroom an outcome reward can teach, on the tokens that report what was seen.
 """
 
 from __future__ import annotations
@@ -41,6 +49,16 @@ SHAPES = ("square", "circle", "triangle", "cross")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 FAMILIES = ("flash_color", "flash_shape", "flash_position", "count", "order")
 SPLIT_SEEDS = {"sft": 1, "rl": 2, "val": 3, "test": 4}
+TEACHER_SEED = 99  # the teacher's own stream: its errors never change the videos
+
+# What the misperceiving teacher reports instead of the truth, per family (values not listed,
+# and families not listed: the truth). It misses one of three or four flashes, counting's
+# classic error. Probed and dropped (docs/calibration.md): colour confusions (red called green,
+# both ways or one way), with which the 640-step warm start stopped telling the colours apart
+# and RL, its vision tower frozen, never sampled the truth to learn from.
+TEACHER_CONFUSIONS: dict[str, dict] = {
+    "count": {3: 2, 4: 3},
+}
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -128,14 +146,25 @@ def _seconds(frame: int, knobs: SyntheticConfig) -> str:
     return f"{frame / knobs.fps:.1f}s"
 
 
-def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig) -> tuple[np.ndarray, dict]:
-    """Frames [T, H, W, 3] uint8 and the question fields for one example of ``family``."""
+def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig,
+                  misperceive: bool = False) -> tuple[np.ndarray, dict]:
+    """Frames [T, H, W, 3] uint8 and the question fields for one example of ``family``.
+
+    ``misperceive``: the text fields (answer, chain of thought) report what the teacher of
+    :data:`TEACHER_CONFUSIONS` sees; the frames, the key frames and ``rng`` stay the truth's.
+    """
+    confusions = TEACHER_CONFUSIONS.get(family, {}) if misperceive else {}
+
+    def said(value):
+        return confusions.get(value, value)
+
     painter = _Painter(knobs, rng)
     slots = rng.permutation(_event_slots(knobs))
     e = knobs.event_frames
     if family == "flash_color":
         name = list(COLORS)[rng.integers(len(COLORS))]
         keys = painter.flash(int(slots[0]) * e, "square", COLORS[name])
+        name = said(name)
         fields = dict(
             problem="What colour was the square that flashed?",
             problem_type="multiple choice",
@@ -147,6 +176,7 @@ def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig)
         shape = SHAPES[rng.integers(len(SHAPES))]
         at = painter.on_grid(knobs.shape_size, knobs.shape_grid) if knobs.shape_grid else None
         keys = painter.flash(int(slots[0]) * e, shape, COLORS["yellow"], knobs.shape_size, at)
+        shape = said(shape)
         fields = dict(
             problem="Which shape flashed in yellow?",
             problem_type="multiple choice",
@@ -158,6 +188,7 @@ def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig)
         quadrant = int(rng.integers(len(QUADRANTS)))
         keys = painter.flash(int(slots[0]) * e, "square", COLORS["green"],
                              at=painter.in_quadrant(quadrant))
+        quadrant = said(quadrant)
         fields = dict(
             problem="Where did the green square flash?",
             problem_type="multiple choice",
@@ -170,7 +201,8 @@ def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig)
         count = int(rng.integers(1, knobs.count_max + 1))
         starts = [s * e for s in _spaced_slots(rng, len(slots), count)]
         keys = [k for s in starts for k in painter.flash(s, "square", (250, 250, 250))]
-        times = ", ".join(_seconds(s, knobs) for s in starts)
+        count = said(count)
+        times = ", ".join(_seconds(s, knobs) for s in starts[:count])  # a missed flash: the last
         fields = dict(
             problem="How many times did the white square flash?",
             problem_type="numerical",
@@ -182,6 +214,7 @@ def make_question(family: str, rng: np.random.Generator, knobs: SyntheticConfig)
         first, second = (list(COLORS)[i] for i in rng.choice(len(COLORS), 2, replace=False))
         a, b = (s * e for s in _spaced_slots(rng, len(slots), 2))
         keys = painter.flash(a, "square", COLORS[first]) + painter.flash(b, "square", COLORS[second])
+        first, second = said(first), said(second)
         fields = dict(
             problem="Which colour flashed first?",
             problem_type="multiple choice",
@@ -241,13 +274,19 @@ def generate_split(
     video_dir = out_dir / "videos" / split
     video_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
+    teacher_error = knobs.teacher_error if split == "sft" else 0.0
+    if not 0.0 <= teacher_error <= 1.0:
+        raise ConfigError(f"data.synthetic.teacher_error: expected a probability in [0, 1]; "
+                          f"got {teacher_error}")
+    teacher = np.random.default_rng([seed, SPLIT_SEEDS[split], TEACHER_SEED])
     workers = workers or min(4, os.cpu_count() or 1)
     records = []
     with ProcessPoolExecutor(workers) if workers > 1 else _InlineExecutor() as pool:
         pending: deque[Future] = deque()
         for i in range(count):
             family = families[i % len(families)]
-            frames, fields = make_question(family, rng, knobs)
+            misperceive = bool(teacher.random() < teacher_error)
+            frames, fields = make_question(family, rng, knobs, misperceive)
             path = video_dir / f"{split}_{i:05d}.mp4"
             pending.append(pool.submit(atomic_write_video, path, frames, knobs.fps))
             while len(pending) > 4 * workers:  # bound the frames held in memory

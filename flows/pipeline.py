@@ -275,13 +275,18 @@ def schedule(upstream: dict[str, set[str]], jobs: int, submit: Callable[[str], H
              on_done: Callable[[str, Any], None] = lambda stage, result: None) -> dict[str, Any]:
     """Run a DAG's stages at most ``jobs`` at a time, each as soon as its upstream is done.
 
+    Of the stages ready to start, the one with the most stages downstream of it goes first (ties:
+    plan order): an RL run, which its evaluation and the report wait for, starts before a short
+    evaluation that only the report waits for, so the evaluations fill the tail instead of
+    delaying the last RL run (about 45 s of the 2-core default's 15 minutes).
     ``upstream`` maps every stage (in the preferred start order) to the stages it waits for;
     ``submit(stage)`` starts one and returns a handle whose ``result()`` waits for it (a
     Prefect or ``concurrent.futures`` future); ``as_completed`` yields finished handles. After
     a failure nothing new starts; the running stages finish, then the first error is raised.
     Returns each stage's result, in completion order.
     """
-    pending = list(upstream)
+    downstream = _downstream_counts(upstream)
+    pending = sorted(upstream, key=lambda s: -downstream[s])  # stable: plan order among ties
     running: dict[str, Handle] = {}
     results: dict[str, Any] = {}
     error: BaseException | None = None
@@ -309,6 +314,23 @@ def schedule(upstream: dict[str, set[str]], jobs: int, submit: Callable[[str], H
     if error is not None:
         raise error
     return results
+
+
+def _downstream_counts(upstream: dict[str, set[str]]) -> dict[str, int]:
+    """Stage -> how many stages wait for it, directly or through others."""
+    children: dict[str, set[str]] = {s: set() for s in upstream}
+    for stage, ups in upstream.items():
+        for up in ups:
+            children.setdefault(up, set()).add(stage)
+
+    def below(stage: str, seen: set[str]) -> set[str]:
+        for child in children.get(stage, ()):
+            if child not in seen:
+                seen.add(child)
+                below(child, seen)
+        return seen
+
+    return {stage: len(below(stage, set())) for stage in upstream}
 
 
 @flow(name="appo-pipeline", log_prints=True)

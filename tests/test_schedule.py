@@ -70,6 +70,17 @@ def test_one_job_keeps_the_plan_order() -> None:
     assert rec.started == list(DAG) == rec.ended
 
 
+def test_a_ready_stage_with_more_stages_downstream_starts_first() -> None:
+    # plan order lists the short evaluations first; the RL runs gate more of the DAG
+    dag = {"sft": set(), "eval_baseline@sft": {"sft"}, "eval@x": {"sft"},
+           "rl@a": {"sft"}, "rl@b": {"sft"}, "eval@a": {"rl@a"}, "eval@b": {"rl@b"},
+           "report": {"eval_baseline@sft", "eval@x", "eval@a", "eval@b"}}
+    rec = Recorder(seconds=0.0)
+    schedule(dag, 1, rec.submit, as_completed)
+    assert rec.started == ["sft", "rl@a", "rl@b", "eval_baseline@sft", "eval@x", "eval@a",
+                           "eval@b", "report"]
+
+
 def test_the_hooks_see_every_start_and_every_success() -> None:
     rec = Recorder(seconds=0.0)
     starts, dones = [], {}

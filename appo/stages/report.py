@@ -371,8 +371,9 @@ def plot_final_accuracy(res: Results, path: Path) -> None:
             a = s.get("accuracy")
             lo, hi = s.get("ci95") or (None, None)
             acc.append(100 * a if a is not None else np.nan)
-            err[0].append(100 * (a - lo) if None not in (a, lo) else 0.0)
-            err[1].append(100 * (hi - a) if None not in (a, hi) else 0.0)
+            # clipped at 0: at 100% the interval's float upper end can sit an ulp below it
+            err[0].append(max(0.0, 100 * (a - lo)) if None not in (a, lo) else 0.0)
+            err[1].append(max(0.0, 100 * (hi - a)) if None not in (a, hi) else 0.0)
         bars = ax.bar(x + (i - (len(variants) - 1) / 2) * width, acc, width, yerr=err,
                       capsize=2, label=v)
         # every bar carries its value, so a 0% bar (the untrained base model) is not invisible

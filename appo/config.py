@@ -107,6 +107,10 @@ class SyntheticConfig:
     val: int = 64
     test: int = 128
 
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.teacher_error <= 1.0, "teacher_error", self.teacher_error,
+                 "a probability in [0, 1]")
+
 
 @dataclass
 class FileSpec:

@@ -344,6 +344,8 @@ def _one_line_error(stage: str, params: Path, *extra: str) -> str:
     ("rl", lambda p: p["rl"].update(long_prompts="truncate"), "(rl.long_prompts)"),
     ("sft", lambda p: p["sft"].update(lr=-1.0), "(sft.lr)"),
     ("data", lambda p: p["data"].update(source="bogus"), "(data.source)"),
+    ("data", lambda p: p["data"]["synthetic"].update(teacher_error=1.5),
+     "(data.synthetic.teacher_error)"),
     ("frames", lambda p: p["frames"].update(num_frames=7), "(frames.num_frames)"),
 ])
 def test_bad_value_is_one_line_naming_the_key(tmp_path, micro_params, stage, edit, key):

@@ -180,5 +180,3 @@ def test_teacher_error_labels_only_the_sft_split_and_keeps_its_videos(tmp_path):
     assert 0.45 < sum(many) / len(many) < 0.75  # about 0.6 of ~120 (binomial sd ~0.045)
     rl = generate_split(tmp_path / "c", "rl", 8, Knobs(teacher_error=0.6), workers=1)
     assert rl == generate_split(tmp_path / "d", "rl", 8, Knobs(), workers=1)
-    with pytest.raises(ValueError, match="data.synthetic.teacher_error: expected a probability"):
-        generate_split(tmp_path / "e", "sft", 2, Knobs(teacher_error=1.5))

@@ -184,9 +184,15 @@ def _sft_loss(params: Path, folder: str, threads: int, omp: str) -> float:
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to differ")
 def test_pinned_threads_make_runs_identical_on_any_core_count(micro_params):
     """`threads: 1` gives the same SFT to the last bit whatever the environment's thread count;
-    the control (threads: 0 = the environment's) shows that the count does change the result."""
+    the control (threads: 0 = the environment's) shows that the count does change the result.
+
+    Whether it does depends on the CPU's kernels: on some machines (seen on an AMD EPYC) MKL's
+    and ATen's results at these sizes do not depend on the thread count, and then this test
+    cannot tell a pinned run from a free one and says so by skipping. That the stages apply
+    ``threads`` at all is tested everywhere in tests/test_config.py."""
     params = micro_params("threads")
+    control = {_sft_loss(params, f"free{omp}", 0, omp) for omp in ("1", "2")}
+    if len(control) == 1:
+        pytest.skip("1 and 2 threads give the same SFT on this CPU: pinning cannot be observed")
     pinned = {_sft_loss(params, f"pin{omp}", 1, omp) for omp in ("1", "2")}
     assert len(pinned) == 1, pinned
-    control = {_sft_loss(params, f"free{omp}", 0, omp) for omp in ("1", "2")}
-    assert len(control) == 2, "1 and 2 threads agree here: the pinning test cannot fail"
